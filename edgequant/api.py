@@ -1,0 +1,98 @@
+"""Python API: quantize a model by name, or compare methods on the same loaded model."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from torch import nn
+
+from edgequant.config import AWQConfig, CalibConfig, QuantConfig
+from edgequant.errors import EdgequantError
+from edgequant.recipe import Recipe, apply_recipe
+
+METHODS = ("rtn", "awq")
+
+
+def quantize_model(
+    model: nn.Module,
+    tokenizer,
+    method: str = "awq",
+    quant: QuantConfig | None = None,
+    awq: AWQConfig | None = None,
+    calib: CalibConfig | None = None,
+    load_search: str | None = None,
+) -> Recipe:
+    """Quantize a loaded float model in place and return the recipe that did it."""
+    from edgequant.arch import arch_for
+
+    quant, awq, calib = quant or QuantConfig(), awq or AWQConfig(), calib or CalibConfig()
+    if method not in METHODS:
+        raise EdgequantError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    arch_for(model)
+    if load_search:
+        recipe = Recipe.load(load_search)
+    elif method == "rtn":
+        recipe = Recipe(quant=quant, model_type=model.config.model_type)
+    else:
+        from edgequant.awq import awq_quantize
+        from edgequant.data import calibration_ids
+
+        return awq_quantize(model, calibration_ids(tokenizer, calib), quant, awq)
+    apply_recipe(model, recipe)
+    return recipe
+
+
+def quantize(model_name: str, method: str = "awq", **kw):
+    """Load `model_name` and quantize it; returns (model, tokenizer, recipe)."""
+    from edgequant.zoo import load
+
+    model, tok = load(model_name)
+    return model, tok, quantize_model(model, tok, method, **kw)
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str  # "fp" or a quantization method
+    seconds: float  # quantization wall time (0 for fp)
+    ppl: dict  # text -> Perplexity
+
+
+def compare(
+    model_name: str,
+    methods: tuple[str, ...] = METHODS,
+    texts: tuple[str, ...] = ("austen",),
+    max_windows: int | None = None,
+    window: int = 2048,
+    **kw,
+) -> list[Row]:
+    """Float model, then each method from the same float weights, each evaluated on `texts`."""
+    from edgequant.data import evaluation_ids, get_source
+    from edgequant.evaluate import perplexity
+    from edgequant.zoo import load
+
+    model, tok = load(model_name)
+    ids = {t: evaluation_ids(tok, get_source(t)) for t in texts}
+    float_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def evaluate() -> dict:
+        return {t: perplexity(model, tok, ids[t], window, max_windows) for t in texts}
+
+    rows = [Row("fp", 0.0, evaluate())]
+    for method in methods:
+        model.load_state_dict(float_state)
+        t0 = time.perf_counter()
+        quantize_model(model, tok, method, **kw)
+        rows.append(Row(method, time.perf_counter() - t0, evaluate()))
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    """Markdown table: one row per method, one perplexity column per text."""
+    texts = list(rows[0].ppl)
+    head = "| method | " + " | ".join(f"ppl {t}" for t in texts) + " | quant time (s) |"
+    lines = [head, "|" + "---|" * (len(texts) + 2)]
+    for r in rows:
+        cells = " | ".join(f"{r.ppl[t].ppl:.3f}" for t in texts)
+        lines.append(f"| {r.method} | {cells} | {r.seconds:.1f} |")
+    return "\n".join(lines)

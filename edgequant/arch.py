@@ -1,0 +1,142 @@
+"""The architecture table: the only place that knows module names of model families.
+
+Each family lists its decoder blocks and, per block, the AWQ scale groups: linears that
+share an input, the previous op the per-channel scale folds into, and the module whose
+output the exact search compares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgequant.errors import EdgequantError
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    name: str
+    prev: str  # module (relative to the block) whose output is the group's input
+    linears: tuple[str, ...]
+    inspect: str  # module whose output the exact loss compares
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str  # path of the ModuleList of decoder blocks
+    norm: str  # "rms" (x * w), "rms_one_plus" (x * (1 + w)) or "layernorm" (x * w + b)
+    groups: tuple[ScaleGroup, ...]
+    no_clip: tuple[str, ...]  # linears skipped by the clip search (q/k: softmax is sensitive)
+
+
+def _attn_mlp(norm_attn: str, norm_mlp: str, attn: str, mlp: str) -> tuple[ScaleGroup, ...]:
+    return (
+        ScaleGroup(
+            "attn_in", norm_attn, (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"), attn
+        ),
+        ScaleGroup("attn_out", f"{attn}.v_proj", (f"{attn}.o_proj",), f"{attn}.o_proj"),
+        ScaleGroup("mlp_in", norm_mlp, (f"{mlp}.gate_proj", f"{mlp}.up_proj"), mlp),
+        ScaleGroup("mlp_out", f"{mlp}.up_proj", (f"{mlp}.down_proj",), f"{mlp}.down_proj"),
+    )
+
+
+LLAMA = ArchSpec(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    blocks="model.layers",
+    norm="rms",
+    groups=_attn_mlp("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+)
+
+GEMMA3 = ArchSpec(
+    name="gemma3",
+    model_types=("gemma3_text",),
+    blocks="model.layers",
+    norm="rms_one_plus",
+    groups=_attn_mlp("input_layernorm", "pre_feedforward_layernorm", "self_attn", "mlp"),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+)
+
+OPT = ArchSpec(
+    name="opt",
+    model_types=("opt",),
+    blocks="model.decoder.layers",
+    norm="layernorm",
+    groups=(
+        ScaleGroup(
+            "attn_in",
+            "self_attn_layer_norm",
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "self_attn",
+        ),
+        ScaleGroup("attn_out", "self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+        ScaleGroup("mlp_in", "final_layer_norm", ("fc1",), "fc1"),
+        ScaleGroup("mlp_out", "fc1", ("fc2",), "fc2"),
+    ),
+    no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+)
+
+ARCHS = (LLAMA, GEMMA3, OPT)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ARCHS for t in a.model_types)
+
+
+def arch_for(model: nn.Module) -> ArchSpec:
+    """Look up the model's family; unknown or unfoldable variants raise with the supported list."""
+    model_type = getattr(model.config, "model_type", None)
+    for spec in ARCHS:
+        if model_type in spec.model_types:
+            if spec is OPT and not getattr(model.config, "do_layer_norm_before", True):
+                raise EdgequantError(
+                    "OPT with do_layer_norm_before=False (post-norm, e.g. opt-350m) cannot fold "
+                    "scales into its layer norms"
+                )
+            return spec
+    raise EdgequantError(
+        f"unsupported architecture {type(model).__name__} (model_type {model_type!r}); "
+        f"supported model types: {', '.join(supported_model_types())}"
+    )
+
+
+def blocks_of(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
+    return model.get_submodule(spec.blocks)
+
+
+def can_fold(block: nn.Module, group: ScaleGroup) -> bool:
+    """A scale folds only where the prev op produces exactly the group's input.
+
+    With grouped-query attention v_proj is narrower than o_proj's input: attn_out then keeps
+    s = 1 (its linear is still clipped and quantized).
+    """
+    prev = block.get_submodule(group.prev)
+    first = block.get_submodule(group.linears[0])
+    return not isinstance(prev, nn.Linear) or prev.out_features == first.in_features
+
+
+def quantized_linears(block: nn.Module, spec: ArchSpec) -> list[str]:
+    """Every linear the scale groups cover, in execution order."""
+    return [name for g in spec.groups for name in g.linears]
+
+
+@torch.no_grad()
+def fold_into_prev(prev: nn.Module, s: torch.Tensor, norm: str) -> None:
+    """Divide the output of `prev` per channel by s (s: [C]); the group's weights take s."""
+    if isinstance(prev, nn.Linear):
+        prev.weight.div_(s.view(-1, 1).to(prev.weight.dtype))
+        if prev.bias is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))
+        return
+    w = prev.weight
+    if norm == "rms_one_plus":
+        w.copy_(((1.0 + w.float()) / s - 1.0).to(w.dtype))
+    else:
+        w.div_(s.to(w.dtype))
+        if norm == "layernorm" and getattr(prev, "bias", None) is not None:
+            prev.bias.div_(s.to(prev.bias.dtype))

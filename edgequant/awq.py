@@ -1,0 +1,249 @@
+"""AWQ: activation-aware scale search and weight-clipping search (Lin et al., MLSys 2024).
+
+Per block, one forward pass. When a scale group's input arrives (all earlier groups of the
+block already quantized), the scale s = mean|x|^alpha is grid-searched, the clip bounds are
+searched on the scaled weights, the group is folded and quantized in place, and the rest of
+the forward continues on the group's quantized weights; its output becomes the next block's
+input. After the forward every group is applied with `apply_group`, exactly as a saved
+recipe is re-applied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edgequant.arch import ArchSpec, ScaleGroup, arch_for, can_fold
+from edgequant.calibrate import bf16_linears, check_finite, run_layerwise
+from edgequant.config import AWQConfig, QuantConfig
+from edgequant.primitives import fake_quantize, group_minmax
+from edgequant.recipe import Recipe, apply_group, check_group_size
+
+
+def candidate_scale(
+    x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float
+) -> torch.Tensor:
+    # x_mean [C], w_mean [C] or None -> s [C], normalised so that max(s) * min(s) = 1
+    s = x_mean.pow(alpha)
+    if w_mean is not None:
+        s = s / w_mean.pow(1.0 - alpha).clamp(min=1e-4)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def weight_mean(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    # w [out, C] -> [C]: |w| relative to its group's absmax, averaged over output channels
+    out, c = w.shape
+    g = cfg.group_len(c)
+    wg = w.abs().reshape(out, c // g, g)
+    return (wg / wg.amax(dim=-1, keepdim=True).clamp(min=1e-8)).reshape(out, c).mean(0)
+
+
+def gram_error(d: torch.Tensor, gram: torch.Tensor, n: int) -> float:
+    # d [out, C] weight error, gram [C, C] = X^T X over n tokens -> mean squared output error
+    return ((d @ gram) * d).sum().item() / (n * d.shape[0])
+
+
+def search_scale(
+    x_mean: torch.Tensor,
+    weights: list[torch.Tensor],
+    loss: Callable[[torch.Tensor], float],
+    qcfg: QuantConfig,
+    acfg: AWQConfig,
+) -> tuple[torch.Tensor | None, float]:
+    """Grid over alpha = i / n_grid; returns (best s or None if no finite loss, best loss)."""
+    w_mean = weight_mean(torch.cat(weights), qcfg) if acfg.duo_scaling else None
+    best, best_loss = None, math.inf
+    for i in range(acfg.n_grid):
+        s = candidate_scale(x_mean, w_mean, i / acfg.n_grid)
+        if not torch.isfinite(s).all():
+            continue
+        val = loss(s)
+        if math.isfinite(val) and val < best_loss:
+            best, best_loss = s, val
+    return best, best_loss
+
+
+def clip_bounds(
+    w: torch.Tensor, x: torch.Tensor, qcfg: QuantConfig, acfg: AWQConfig
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    # w [out, C] (scaled), x [n, C] (scaled inputs) -> (lo, hi) [out, n_groups], or None when
+    # clipping would not lower this layer's output error on x.
+    # Per (channel, group) error: mean_t (x_g . (wq_g - w_g))^2 = d_g^T G_gg d_g / n, G = x^T x.
+    out, c = w.shape
+    g = qcfg.group_len(c)
+    ng = c // g
+    gram, n = x.T @ x, x.shape[0]
+    blocks = torch.stack([gram[k * g : (k + 1) * g, k * g : (k + 1) * g] for k in range(ng)])
+    wmin, wmax = group_minmax(w, qcfg)
+    amax = torch.maximum(wmin.abs(), wmax.abs())
+    best_err = torch.full_like(wmax, math.inf)
+    lo_best, hi_best = wmin.clone(), wmax.clone()
+    for i in range(int(acfg.clip_max_shrink * acfg.clip_grid)):
+        f = 1.0 - i / acfg.clip_grid
+        lo, hi = (-amax * f, amax * f) if acfg.clip_form == "sym" else (wmin * f, wmax * f)
+        d = (fake_quantize(w, qcfg, lo, hi)[0] - w).reshape(out, ng, g).transpose(0, 1)
+        err = (torch.bmm(d, blocks) * d).sum(-1).T / n  # [out, ng]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        lo_best = torch.where(better, lo, lo_best)
+        hi_best = torch.where(better, hi, hi_best)
+    clipped = fake_quantize(w, qcfg, lo_best, hi_best)[0]
+    plain = fake_quantize(w, qcfg)[0]
+    if gram_error(clipped - w, gram, n) > gram_error(plain - w, gram, n):
+        return None
+    return lo_best, hi_best
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class AWQSearch:
+    """AWQ over a model, block by block; `recipe` collects what was found."""
+
+    def __init__(self, model: nn.Module, qcfg: QuantConfig, acfg: AWQConfig):
+        self.model, self.qcfg, self.acfg = model, qcfg, acfg
+        self.spec: ArchSpec = arch_for(model)
+        self.recipe = Recipe(quant=qcfg, method="awq", awq=acfg, model_type=model.config.model_type)
+        self.gen = torch.Generator().manual_seed(acfg.seed)
+
+    def _sample(self, xs: list[torch.Tensor], n: int) -> torch.Tensor:
+        # xs: chunks [B, T, C] -> [min(n, N), C] rows drawn without replacement (seeded)
+        flat = [x.reshape(-1, x.shape[-1]) for x in xs]
+        total = sum(f.shape[0] for f in flat)
+        if total <= n:
+            return torch.cat(flat).float()
+        idx = torch.randperm(total, generator=self.gen)[:n].sort().values
+        out, start = [], 0
+        for f in flat:
+            sel = idx[(idx >= start) & (idx < start + f.shape[0])] - start
+            out.append(f[sel])
+            start += f.shape[0]
+        return torch.cat(out).float()
+
+    def _exact_loss(self, lins: list[nn.Linear], call: Callable) -> Callable:
+        """Paper loss: MSE of the inspected module's output with the group fake-quantized."""
+        originals = [lin.weight.data for lin in lins]
+        ref = call()
+
+        def loss(s: torch.Tensor) -> float:
+            try:
+                for lin, w in zip(lins, originals, strict=True):
+                    lin.weight.data = (fake_quantize(w.float() * s, self.qcfg)[0] / s).to(w.dtype)
+                return (call() - ref).float().pow(2).mean().item()
+            finally:
+                for lin, w in zip(lins, originals, strict=True):
+                    lin.weight.data = w
+
+        return loss
+
+    def _on_group(self, i: int, block: nn.Module, group: ScaleGroup, xs: list, call):
+        """Search one group on its input chunks xs [B, T, C]; leaves effective weights in place."""
+        qcfg = self.qcfg
+        c = xs[0].shape[-1]
+        for x in xs:
+            check_finite(x, f"block {i} {group.name} input")
+        x_mean = sum(torch.linalg.vector_norm(x.reshape(-1, c).float(), 1, dim=0) for x in xs)
+        x_mean = x_mean / sum(x.numel() // c for x in xs)
+        lins = [block.get_submodule(n) for n in group.linears]
+        w_cat = torch.cat([lin.weight.detach().float() for lin in lins])
+        xg = self._sample(xs, self.acfg.gram_tokens)
+        gram, n = xg.T @ xg, xg.shape[0]
+
+        def fast_loss(s: torch.Tensor) -> float:
+            return gram_error(fake_quantize(w_cat * s, qcfg)[0] / s - w_cat, gram, n)
+
+        s = None
+        if can_fold(block, group):
+            loss = fast_loss if self.acfg.search == "fast" else self._exact_loss(lins, call)
+            s, _ = search_scale(x_mean, [w_cat], loss, qcfg, self.acfg)
+            if s is None:
+                self.recipe.fallbacks.append(f"{i}.{group.name}")
+                tqdm.write(f"block {i} {group.name}: no finite loss, identity scale used")
+            else:
+                self.recipe.scales[f"{i}.{group.name}"] = s
+        sv = torch.ones(c) if s is None else s
+        clips = {}
+        if self.acfg.clip:
+            xc = self._sample(xs, self.acfg.clip_tokens) / sv
+            for name, lin in zip(group.linears, lins, strict=True):
+                if name not in self.spec.no_clip:
+                    b = clip_bounds(lin.weight.float() * sv, xc, qcfg, self.acfg)
+                    if b is not None:
+                        clips[name] = self.recipe.clips[f"{i}.{name}"] = b
+        for name, lin in zip(group.linears, lins, strict=True):
+            lo, hi = clips.get(name, (None, None))
+            eff = fake_quantize(lin.weight.float() * sv, qcfg, lo, hi)[0] / sv
+            lin.weight.data = eff.to(lin.weight.dtype)
+        w_eff = torch.cat([lin.weight.float() for lin in lins])
+        rtn_err = gram_error(fake_quantize(w_cat, qcfg)[0] - w_cat, gram, n)
+        return (s, clips), (rtn_err, gram_error(w_eff - w_cat, gram, n))
+
+    def _process(self, i: int, block: nn.Module, run: Callable) -> None:
+        """One chunked forward of block i; each group is searched when its input is complete."""
+        groups = self.spec.groups
+        exact = self.acfg.search == "exact"
+        originals = {n: block.get_submodule(n).weight.data for g in groups for n in g.linears}
+        done: dict[str, tuple] = {}
+        inspect_args: dict[str, list] = {g.name: [] for g in groups}
+        searching = [False]
+        handles = []
+        for g in groups:
+            if exact and g.inspect not in g.linears:
+
+                def keep(m, args, kw, g=g):
+                    if not searching[0]:
+                        inspect_args[g.name].append((args, kw))
+
+                mod = block.get_submodule(g.inspect)
+                handles.append(mod.register_forward_pre_hook(keep, with_kwargs=True))
+
+        def on_all(xs: list[torch.Tensor], g: ScaleGroup) -> None:
+            mod = block.get_submodule(g.inspect)
+            if g.inspect in g.linears:
+                call = lambda: torch.cat([mod(x) for x in xs])  # noqa: E731
+            else:
+                saved = inspect_args[g.name]
+                call = lambda: torch.cat([_first(mod(*a, **kw)) for a, kw in saved])  # noqa: E731
+            searching[0] = True
+            try:
+                done[g.name] = self._on_group(i, block, g, xs, call)
+            finally:
+                searching[0] = False
+                inspect_args[g.name] = []
+
+        gather = {g.linears[0]: (lambda xs, g=g: on_all(xs, g)) for g in groups}
+        try:
+            with bf16_linears(block, enabled=not exact and self.acfg.bf16_matmul):
+                run(gather)
+        finally:
+            for h in handles:
+                h.remove()
+            for name, w in originals.items():
+                block.get_submodule(name).weight.data = w
+        missing = [g.name for g in groups if g.name not in done]
+        if missing:
+            raise RuntimeError(f"block {i}: groups {missing} never received an input")
+        for g in groups:
+            apply_group(block, self.spec, g, self.qcfg, *done[g.name][0])
+        rtn = sum(d[1][0] for d in done.values())
+        awq = sum(d[1][1] for d in done.values())
+        self.recipe.report.append({"block": i, "rtn_error": rtn, "awq_error": awq})
+        tqdm.write(
+            f"block {i:3d}: output error rtn {rtn:.3e}  awq {awq:.3e}  ({awq / rtn - 1:+.0%})"
+        )
+
+
+def awq_quantize(
+    model: nn.Module, input_ids: torch.Tensor, qcfg: QuantConfig, acfg: AWQConfig
+) -> Recipe:
+    """Search AWQ scales and clips on the calibration ids [N, T]; quantizes `model` in place."""
+    search = AWQSearch(model, qcfg, acfg)
+    check_group_size(model, search.spec, qcfg)
+    run_layerwise(model, search.spec, input_ids, search._process, desc="awq")
+    return search.recipe

@@ -1,0 +1,192 @@
+"""Command line: `edgequant quantize`, `edgequant eval` and `edgequant compare`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model with RTN or AWQ (fake-quantized weights)")
+    p.add_argument("model", help="zoo name (smollm2-135m, gemma3-270m), model directory or hub id")
+    p.add_argument("--method", choices=("rtn", "awq"), default="awq")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128, help="-1 for per-channel")
+    zp = p.add_mutually_exclusive_group()
+    zp.add_argument("--zero-point", dest="zero_point", action="store_true", default=True)
+    zp.add_argument("--symmetric", dest="zero_point", action="store_false")
+    p.add_argument(
+        "--calib", default="pydocs", help="pydocs, austen[:novel], wikitext2, pileval or a file"
+    )
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--search",
+        choices=("fast", "exact"),
+        default="fast",
+        help="fast: second-order per-linear loss; exact: paper loss on all tokens",
+    )
+    p.add_argument("--duo-scaling", action="store_true", help="s = x^a / w^(1-a) (peers' default)")
+    p.add_argument("--no-clip", dest="clip", action="store_false")
+    p.add_argument("--clip-form", choices=("asym", "sym"), default="asym")
+    p.add_argument("--save-search", metavar="FILE", help="write the searched scales and clips")
+    p.add_argument(
+        "--load-search", metavar="FILE", help="apply a saved search instead of searching"
+    )
+    p.add_argument("--out", metavar="DIR", help="save the fake-quantized model (safetensors)")
+    p.add_argument("--ppl", metavar="TEXT", help="evaluate perplexity afterwards on this text")
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--json", metavar="FILE", help="write a JSON summary")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model or quantized directory")
+    p.add_argument("model")
+    p.add_argument("--ppl", metavar="TEXT", default="austen")
+    p.add_argument("--window", type=int, default=2048)
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--json", metavar="FILE")
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="FP vs RTN vs AWQ perplexity table on one model")
+    p.add_argument("model")
+    p.add_argument("--methods", default="rtn,awq")
+    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--symmetric", dest="zero_point", action="store_false")
+    p.add_argument("--calib", default="pydocs")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--ppl", default="austen", help="comma-separated text sources")
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--json", metavar="FILE")
+
+
+def cmd_compare(a) -> dict:
+    from edgequant.api import compare, table
+    from edgequant.config import CalibConfig, QuantConfig
+
+    qcfg = QuantConfig(bits=a.w_bits, group_size=a.group_size, zero_point=a.zero_point)
+    ccfg = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen)
+    rows = compare(
+        a.model,
+        tuple(a.methods.split(",")),
+        tuple(a.ppl.split(",")),
+        a.max_windows,
+        quant=qcfg,
+        calib=ccfg,
+    )
+    print(f"\n{a.model}  w{qcfg.bits} g{qcfg.group_size}\n")
+    print(table(rows))
+    print(f"\nprotocol: {next(iter(rows[0].ppl.values())).protocol}")
+    summary = {
+        "model": a.model,
+        "bits": qcfg.bits,
+        "group_size": qcfg.group_size,
+        "rows": [
+            {
+                "method": r.method,
+                "seconds": r.seconds,
+                "ppl": {t: p.to_dict() for t, p in r.ppl.items()},
+            }
+            for r in rows
+        ],
+    }
+    if a.json:
+        _write_json(a.json, summary)
+    return summary
+
+
+def _write_json(path: str, data: dict) -> None:
+    from edgequant.io import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
+
+
+def cmd_quantize(a) -> dict:
+    from edgequant.api import quantize
+    from edgequant.config import AWQConfig, CalibConfig, QuantConfig
+
+    qcfg = QuantConfig(bits=a.w_bits, group_size=a.group_size, zero_point=a.zero_point)
+    acfg = AWQConfig(search=a.search, duo_scaling=a.duo_scaling, clip=a.clip, clip_form=a.clip_form)
+    ccfg = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+    if a.out and Path(a.out).exists():
+        raise EdgequantError(f"output directory {a.out} already exists")
+    t0 = time.perf_counter()
+    model, tok, recipe = quantize(
+        a.model, a.method, quant=qcfg, awq=acfg, calib=ccfg, load_search=a.load_search
+    )
+    seconds = time.perf_counter() - t0
+    what = f"{recipe.method} w{qcfg.bits} g{qcfg.group_size}"
+    print(f"quantized {a.model} with {what} in {seconds:.1f} s")
+    if recipe.fallbacks:
+        print(f"identity-scale fallbacks: {', '.join(recipe.fallbacks)}")
+    if a.save_search:
+        recipe.save(a.save_search)
+        print(f"search saved to {a.save_search}")
+    if a.out:
+        from edgequant.io import save_model
+
+        save_model(model, tok, Path(a.out), recipe)
+        print(f"model saved to {a.out}")
+    summary = {
+        "model": a.model,
+        "method": recipe.method,
+        "bits": qcfg.bits,
+        "group_size": qcfg.group_size,
+        "zero_point": qcfg.zero_point,
+        "seconds": seconds,
+    }
+    if a.ppl:
+        summary["perplexity"] = _ppl(model, tok, a.ppl, 2048, a.max_windows)
+    if a.json:
+        _write_json(a.json, summary)
+    return summary
+
+
+def _ppl(model, tok, text: str, window: int, max_windows) -> dict:
+    from edgequant.data import evaluation_ids, get_source
+    from edgequant.evaluate import perplexity
+
+    res = perplexity(model, tok, evaluation_ids(tok, get_source(text)), window, max_windows)
+    print(f"perplexity on {text}: {res.ppl:.3f}  [{res.protocol}]")
+    return {"text": text, **res.to_dict()}
+
+
+def cmd_eval(a) -> dict:
+    from edgequant.zoo import load
+
+    model, tok = load(a.model)
+    summary = {"model": a.model, "perplexity": _ppl(model, tok, a.ppl, a.window, a.max_windows)}
+    if a.json:
+        _write_json(a.json, {"model": a.model, **summary["perplexity"]})
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgequant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_compare(sub)
+    a = parser.parse_args(argv)
+    try:
+        {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}[a.command](a)
+    except EdgequantError as e:
+        print(f"edgequant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgequant: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Frozen configuration dataclasses, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgequant.errors import EdgequantError
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only group-wise integer quantization.
+
+    group_size -1 means one group per output channel (per-channel).
+    zero_point True is asymmetric (min/max, unsigned codes with a zero point);
+    False is symmetric (signed codes, scale = absmax / (2^(bits-1) - 1)).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    zero_point: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise EdgequantError(f"bits must be an integer in 2..8, got {self.bits!r}")
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
+            raise EdgequantError(
+                "group size must be a positive integer or -1 (per-channel), "
+                f"got {self.group_size!r}"
+            )
+
+    def groups_for(self, in_features: int, name: str = "linear") -> int:
+        """Number of groups along in_features; raises if the group size does not divide it."""
+        if self.group_size == -1:
+            return 1
+        if in_features % self.group_size:
+            raise EdgequantError(
+                f"group size {self.group_size} does not divide in_features {in_features} of {name}"
+            )
+        return in_features // self.group_size
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ scale search (Lin et al. 2024, sec. 3.2) and weight-clipping search.
+
+    search "fast": per-linear output error in second-order form, tr(D G D^T) with
+    G = X^T X on `gram_tokens` sampled tokens (exact for single-linear groups).
+    search "exact": the paper's loss, MSE of the inspected module's output on all tokens.
+    """
+
+    n_grid: int = 20
+    duo_scaling: bool = False
+    search: str = "fast"
+    gram_tokens: int = 8192
+    bf16_matmul: bool = True  # fast search only: block forwards as bf16 matmuls, fp32 accumulate
+    clip: bool = True
+    clip_form: str = "asym"
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.search not in ("fast", "exact"):
+            raise EdgequantError(f"search must be 'fast' or 'exact', got {self.search!r}")
+        if self.clip_form not in ("sym", "asym"):
+            raise EdgequantError(f"clip form must be 'sym' or 'asym', got {self.clip_form!r}")
+        if self.n_grid < 1 or self.clip_grid < 1:
+            raise EdgequantError("grid sizes must be positive")
+        if not 0.0 <= self.clip_max_shrink < 1.0:
+            raise EdgequantError(f"clip max shrink must be in [0, 1), got {self.clip_max_shrink}")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration text: n_samples blocks of seqlen tokens drawn with a fixed seed."""
+
+    source: str = "pydocs"
+    n_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1 or self.seqlen < 2:
+            raise EdgequantError(
+                "calibration needs n_samples >= 1 and seqlen >= 2, "
+                f"got {self.n_samples}, {self.seqlen}"
+            )

@@ -1,0 +1,83 @@
+"""Group-wise integer quantization as pure tensor functions.
+
+Asymmetric (zero point): codes q in [0, 2^b - 1], w ~ (q - z) * scale.
+Symmetric: codes q in [-2^(b-1), 2^(b-1) - 1], w ~ q * scale, z = 0.
+Optional clip bounds lo/hi ([out, n_groups]) clamp each group before its range is taken.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgequant.config import QuantConfig
+
+
+def _grouped(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    # w [out, in] -> [out, n_groups, group_len]
+    out, n_in = w.shape
+    g = cfg.group_len(n_in)
+    return w.reshape(out, n_in // g, g)
+
+
+def clamp_groups(
+    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, cfg: QuantConfig
+) -> torch.Tensor:
+    # w [out, in], lo/hi [out, n_groups] -> [out, in]
+    wg = _grouped(w, cfg)
+    return torch.maximum(torch.minimum(wg, hi.unsqueeze(-1)), lo.unsqueeze(-1)).reshape(w.shape)
+
+
+def quant_params(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    # w [out, in] -> scale [out, n_groups], zero [out, n_groups] (zero is 0 when symmetric)
+    wg = _grouped(w, cfg).float()
+    if cfg.zero_point:
+        qmax = 2**cfg.bits - 1
+        wmax = wg.amax(dim=-1)
+        wmin = wg.amin(dim=-1)
+        scale = (wmax - wmin).clamp(min=1e-5) / qmax
+        zero = (-torch.round(wmin / scale)).clamp(0, qmax)
+        return scale, zero
+    qmax = 2 ** (cfg.bits - 1) - 1
+    scale = wg.abs().amax(dim=-1).clamp(min=1e-5) / qmax
+    return scale, torch.zeros_like(scale)
+
+
+def quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig
+) -> torch.Tensor:
+    # w [out, in], scale/zero [out, n_groups] -> integer codes [out, in] (int16)
+    wg = _grouped(w, cfg).float()
+    if cfg.zero_point:
+        lo, hi = 0, 2**cfg.bits - 1
+    else:
+        lo, hi = -(2 ** (cfg.bits - 1)), 2 ** (cfg.bits - 1) - 1
+    q = torch.round(wg / scale.unsqueeze(-1)) + zero.unsqueeze(-1)
+    return q.clamp(lo, hi).to(torch.int16).reshape(w.shape)
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, cfg: QuantConfig
+) -> torch.Tensor:
+    # q [out, in] integer codes, scale/zero [out, n_groups] -> w [out, in] float32
+    qg = _grouped(q, cfg).float()
+    return ((qg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(q.shape)
+
+
+def fake_quantize(
+    w: torch.Tensor,
+    cfg: QuantConfig,
+    lo: torch.Tensor | None = None,
+    hi: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # w [out, in] -> (dequantized w [out, in] float32, scale, zero [out, n_groups])
+    w = w.float()
+    if hi is not None:
+        w = clamp_groups(w, lo, hi, cfg)
+    scale, zero = quant_params(w, cfg)
+    return dequantize(quantize(w, scale, zero, cfg), scale, zero, cfg), scale, zero
+
+
+def group_minmax(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    # w [out, in] -> (min, max) per group, each [out, n_groups]
+    wg = _grouped(w, cfg).float()
+    return wg.amin(dim=-1), wg.amax(dim=-1)

@@ -1,0 +1,142 @@
+"""A quantization recipe: the searched scales and clip bounds, and how to apply them.
+
+Applying a recipe is deterministic: the search calls `apply_group` itself, so a saved recipe
+re-applied to the same float model gives bit-identical weights. RTN is the empty recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from edgequant.arch import ArchSpec, ScaleGroup, arch_for, blocks_of, can_fold, fold_into_prev
+from edgequant.config import AWQConfig, QuantConfig
+from edgequant.errors import EdgequantError
+from edgequant.primitives import fake_quantize
+
+FORMAT = "edgequant-recipe/1"
+
+
+@dataclass
+class Recipe:
+    quant: QuantConfig
+    method: str = "rtn"
+    awq: AWQConfig | None = None
+    model_type: str = ""
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # "i.group" -> s [C]
+    clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # "i.linear" -> (lo, hi) [out, n_groups]
+    fallbacks: list[str] = field(default_factory=list)
+    report: list[dict] = field(default_factory=list)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomic write: a temporary file in the same directory, then rename."""
+        tensors = {f"scale.{k}": v.contiguous() for k, v in self.scales.items()}
+        for k, (lo, hi) in self.clips.items():
+            tensors[f"clip_lo.{k}"] = lo.contiguous()
+            tensors[f"clip_hi.{k}"] = hi.contiguous()
+        meta = {
+            "format": FORMAT,
+            "method": self.method,
+            "model_type": self.model_type,
+            "quant": asdict(self.quant),
+            "awq": asdict(self.awq) if self.awq else None,
+            "fallbacks": self.fallbacks,
+            "report": self.report,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"edgequant": json.dumps(meta)})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Recipe:
+        path = Path(path)
+        if not path.is_file():
+            raise EdgequantError(f"recipe file not found: {path}")
+        try:
+            tensors = load_file(path)
+            with safe_open(path, "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("edgequant", "null"))
+        except Exception as e:  # safetensors raises its own error types
+            raise EdgequantError(f"cannot read recipe {path}: {e}") from None
+        if not meta or meta.get("format") != FORMAT:
+            raise EdgequantError(f"{path} is not an edgequant recipe ({FORMAT})")
+        clips = {}
+        for k in tensors:
+            if k.startswith("clip_lo."):
+                key = k[len("clip_lo.") :]
+                clips[key] = (tensors[k], tensors[f"clip_hi.{key}"])
+        return cls(
+            quant=QuantConfig(**meta["quant"]),
+            method=meta["method"],
+            awq=AWQConfig(**meta["awq"]) if meta["awq"] else None,
+            model_type=meta["model_type"],
+            scales={k[len("scale.") :]: v for k, v in tensors.items() if k.startswith("scale.")},
+            clips=clips,
+            fallbacks=meta["fallbacks"],
+            report=meta["report"],
+        )
+
+
+def check_group_size(model: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> None:
+    """Fail before any work if the group size does not divide a quantized linear."""
+    for i, block in enumerate(blocks_of(model, spec)):
+        for g in spec.groups:
+            for name in g.linears:
+                cfg.groups_for(block.get_submodule(name).in_features, f"block {i} {name}")
+
+
+@torch.no_grad()
+def apply_group(
+    block: nn.Module,
+    spec: ArchSpec,
+    group: ScaleGroup,
+    cfg: QuantConfig,
+    s: torch.Tensor | None,
+    clips: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Fold s into the prev op, scale the group's weights by s, clip and fake-quantize them."""
+    if s is not None:
+        fold_into_prev(block.get_submodule(group.prev), s, spec.norm)
+    for name in group.linears:
+        lin = block.get_submodule(name)
+        w = lin.weight.float()
+        if s is not None:
+            w = w * s.view(1, -1)
+        lo, hi = clips.get(name, (None, None))
+        wq, _, _ = fake_quantize(w, cfg, lo, hi)
+        lin.weight.copy_(wq.to(lin.weight.dtype))
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe) -> None:
+    """Quantize every block's linears in place as the recipe says (RTN when it is empty)."""
+    spec = arch_for(model)
+    if recipe.model_type and recipe.model_type != model.config.model_type:
+        raise EdgequantError(
+            f"recipe was made for model_type {recipe.model_type!r}, not {model.config.model_type!r}"
+        )
+    check_group_size(model, spec, recipe.quant)
+    for i, block in enumerate(blocks_of(model, spec)):
+        for g in spec.groups:
+            s = recipe.scales.get(f"{i}.{g.name}")
+            if s is not None and not can_fold(block, g):
+                raise EdgequantError(
+                    f"recipe has a scale for block {i} {g.name}, which cannot fold"
+                )
+            clips = {n: recipe.clips[f"{i}.{n}"] for n in g.linears if f"{i}.{n}" in recipe.clips}
+            apply_group(block, spec, g, recipe.quant, s, clips)

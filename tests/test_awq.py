@@ -1,0 +1,114 @@
+import math
+
+import pytest
+import torch
+from conftest import FACTORIES, llama
+
+from edgequant.awq import awq_quantize, candidate_scale, clip_bounds, gram_error, search_scale
+from edgequant.config import AWQConfig, QuantConfig
+from edgequant.primitives import fake_quantize
+from edgequant.recipe import Recipe, apply_recipe
+
+
+def outlier_layer(seed=0, n=2048, c=128, out=96):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=gen)
+    x[:, :4] *= 40.0  # a few salient input channels, as in LLM activations
+    w = torch.randn(out, c, generator=gen) * 0.05
+    return x, w
+
+
+def layer_error(x, w, wq):
+    return (x @ (wq - w).T).pow(2).mean().item()
+
+
+def test_scale_normalisation():
+    x_mean = torch.rand(64) + 0.1
+    for alpha in (0.0, 0.3, 0.95):
+        s = candidate_scale(x_mean, None, alpha)
+        assert math.isclose((s.max() * s.min()).item(), 1.0, rel_tol=1e-5)
+    assert torch.allclose(candidate_scale(x_mean, None, 0.0), torch.ones(64))
+
+
+def test_awq_beats_rtn_on_outlier_channels():
+    x, w = outlier_layer()
+    q = QuantConfig(3, 32)
+    gram = x.T @ x
+    rtn = gram_error(fake_quantize(w, q)[0] - w, gram, x.shape[0])
+
+    def loss(s):
+        return gram_error(fake_quantize(w * s, q)[0] / s - w, gram, x.shape[0])
+
+    s, best = search_scale(x.abs().mean(0), [w], loss, q, AWQConfig())
+    assert best <= rtn
+    # the salient channels get the largest scales, and the error drops a lot
+    assert set(s.topk(4).indices.tolist()) == {0, 1, 2, 3}
+    assert best < 0.6 * rtn
+    # the Gram form equals the direct output error
+    direct = layer_error(x, w, fake_quantize(w * s, q)[0] / s)
+    assert math.isclose(best, direct, rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("form", ["sym", "asym"])
+@pytest.mark.parametrize("bits,group", [(3, 32), (4, 64), (4, -1), (2, 16)])
+@pytest.mark.parametrize("seed", range(3))
+def test_clip_never_raises_layer_error(form, bits, group, seed):
+    x, w = outlier_layer(seed, n=512)
+    w[torch.rand_like(w) < 0.01] *= 8  # weight outliers make clipping worthwhile
+    q, a = QuantConfig(bits, group), AWQConfig(clip_form=form)
+    b = clip_bounds(w, x, q, a)
+    plain = layer_error(x, w, fake_quantize(w, q)[0])
+    if b is not None:
+        assert layer_error(x, w, fake_quantize(w, q, *b)[0]) <= plain * (1 + 1e-5)
+        if form == "sym":
+            assert torch.equal(b[0], -b[1])
+
+
+def test_clip_helps_with_weight_outliers():
+    x, w = outlier_layer(1, n=512)
+    w[torch.rand_like(w) < 0.02] *= 10
+    q = QuantConfig(3, 32)
+    b = clip_bounds(w, x, q, AWQConfig())
+    assert b is not None
+    assert layer_error(x, w, fake_quantize(w, q, *b)[0]) < layer_error(x, w, fake_quantize(w, q)[0])
+
+
+def calib_ids(n=8, t=32, seed=0):
+    return torch.randint(0, 320, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt"])
+def test_awq_block_error_not_above_rtn(arch):
+    model = FACTORIES[arch]()
+    recipe = awq_quantize(model, calib_ids(), QuantConfig(3, 16), AWQConfig(gram_tokens=256))
+    assert len(recipe.report) == 2
+    for r in recipe.report:
+        assert r["awq_error"] <= r["rtn_error"] * (1 + 1e-6)
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("search", ["fast", "exact"])
+def test_saved_search_reapplies_bit_for_bit(tmp_path, search):
+    q = QuantConfig(4, 16)
+    a = AWQConfig(search=search, gram_tokens=128, duo_scaling=search == "exact")
+    model = llama(gqa=False)
+    recipe = awq_quantize(model, calib_ids(), q, a)
+    assert recipe.scales and recipe.clips
+    path = tmp_path / "search.safetensors"
+    recipe.save(path)
+    fresh = llama(gqa=False)
+    apply_recipe(fresh, Recipe.load(path))
+    a, b = model.state_dict(), fresh.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_rtn_is_the_empty_recipe():
+    model = llama()
+    w = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    apply_recipe(model, Recipe(quant=QuantConfig(4, 16)))
+    assert torch.equal(
+        model.model.layers[0].mlp.down_proj.weight, fake_quantize(w, QuantConfig(4, 16))[0]
+    )

@@ -1,0 +1,140 @@
+"""Bad input gives one clear line, a non-zero exit and nothing half-written."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from edgequant.cli import main
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def quantize_args(model, out, calib, *extra):
+    return [
+        "quantize",
+        model,
+        "--method",
+        "awq",
+        "--n-samples",
+        "4",
+        "--seqlen",
+        "32",
+        "--calib",
+        calib,
+        "--out",
+        out,
+        "--group-size",
+        "16",
+        *extra,
+    ]
+
+
+def assert_clean_failure(code, err, tmp_path, match):
+    assert code == 2
+    assert len([e for e in err if e.startswith("edgequant: error:")]) == 1, err
+    assert match in err[-1], err
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith((".", "out"))]
+    assert leftovers == [], leftovers
+
+
+def test_group_size_not_dividing(capsys, tmp_path, tiny_dir, calib_file):
+    code, err = run(
+        capsys, *quantize_args(tiny_dir(), tmp_path / "out", calib_file, "--group-size", "48")
+    )
+    assert_clean_failure(code, err, tmp_path, "group size 48 does not divide in_features 64")
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_bits_out_of_range(capsys, tmp_path, tiny_dir, calib_file, bits):
+    code, err = run(
+        capsys, *quantize_args(tiny_dir(), tmp_path / "out", calib_file, "--w-bits", bits)
+    )
+    assert_clean_failure(code, err, tmp_path, "bits must be an integer in 2..8")
+
+
+@pytest.mark.parametrize("text", ["", "just a few words here"])
+def test_empty_or_short_calibration(capsys, tmp_path, tiny_dir, text):
+    calib = tmp_path / "short.txt"
+    calib.write_text(text)
+    code, err = run(capsys, *quantize_args(tiny_dir(), tmp_path / "out", calib))
+    assert_clean_failure(code, err, tmp_path, "is too short: 0 of 4 samples of 32 tokens")
+
+
+def test_nonexistent_model(capsys, tmp_path, calib_file):
+    code, err = run(capsys, *quantize_args(tmp_path / "nope", tmp_path / "out", calib_file))
+    assert_clean_failure(code, err, tmp_path, "model not found")
+
+
+def test_unknown_text_source(capsys, tmp_path, tiny_dir):
+    code, err = run(capsys, "eval", tiny_dir(), "--ppl", "no-such-text")
+    assert code == 2 and "unknown text source 'no-such-text'" in err[-1]
+
+
+def test_nan_activations(capsys, tmp_path, tiny_dir, calib_file):
+    path = tiny_dir()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(path)
+    code, err = run(capsys, *quantize_args(path, tmp_path / "out", calib_file))
+    assert_clean_failure(code, err, tmp_path, "non-finite activations")
+    assert "block 1" in err[-1]
+
+
+def test_unknown_architecture(capsys, tmp_path, tiny_dir, calib_file):
+    path = tiny_dir()
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "gpt2", ["GPT2LMHeadModel"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    code, err = run(capsys, *quantize_args(path, tmp_path / "out", calib_file))
+    assert code == 2 and "supported model types: gemma3_text, llama" in err[-1]
+
+
+def test_quantize_save_and_eval(capsys, tmp_path, tiny_dir, calib_file):
+    out, search, js = tmp_path / "q", tmp_path / "s.safetensors", tmp_path / "e.json"
+    code = main(
+        [
+            str(a)
+            for a in quantize_args(
+                tiny_dir(), out, calib_file, "--group-size", "16", "--save-search", search
+            )
+        ]
+    )
+    assert code == 0 and (out / "config.json").is_file() and search.is_file()
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--ppl",
+                str(calib_file),
+                "--max-windows",
+                "2",
+                "--window",
+                "64",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
+    res = json.loads(js.read_text())
+    assert (
+        res["windows"] == 2
+        and res["ppl"] > 1
+        and "non-overlapping windows of 64" in res["protocol"]
+    )
+    # re-applying the saved search reproduces the saved model bit for bit
+    out2 = tmp_path / "q2"
+    assert (
+        main(["quantize", str(tiny_dir()), "--load-search", str(search), "--out", str(out2)]) == 0
+    )
+    a = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out2).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
