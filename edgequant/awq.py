@@ -158,9 +158,20 @@ class AWQSearch:
         def fast_loss(s: torch.Tensor) -> float:
             return gram_error(fake_quantize(w_cat * s, qcfg)[0] / s - w_cat, gram, n)
 
+        def full_gram_loss(s: torch.Tensor) -> float:
+            # a single inspected linear: its output MSE over all tokens, tr(D G D^T) / (N out)
+            return gram_error(fake_quantize(w_cat * s, qcfg)[0] / s - w_cat, gram_all, n_all)
+
         s = None
         if can_fold(block, group):
-            loss = fast_loss if self.acfg.search == "fast" else self._exact_loss(lins, call)
+            if self.acfg.search == "fast":
+                loss = fast_loss
+            elif group.linears == (group.inspect,):
+                flats = [x.reshape(-1, c).float() for x in xs]
+                gram_all, n_all = sum(f.T @ f for f in flats), sum(f.shape[0] for f in flats)
+                loss = full_gram_loss
+            else:
+                loss = self._exact_loss(lins, call)
             s, _ = search_scale(x_mean, [w_cat], loss, qcfg, self.acfg)
             if s is None:
                 self.recipe.fallbacks.append(f"{i}.{group.name}")
