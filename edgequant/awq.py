@@ -48,6 +48,13 @@ def gram_error(d: torch.Tensor, gram: torch.Tensor, n: int) -> float:
     return ((d @ gram) * d).sum().item() / (n * d.shape[0])
 
 
+def scaled_error(
+    w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig, gram: torch.Tensor, n: int
+) -> float:
+    # w [out, C], s [C] -> output error of Q(w * s) / s, the weight the block effectively uses
+    return gram_error(fake_quantize(w * s, cfg)[0] / s - w, gram, n)
+
+
 def search_scale(
     x_mean: torch.Tensor,
     weights: list[torch.Tensor],
@@ -142,10 +149,35 @@ class AWQSearch:
 
         return loss
 
+    def _scale_loss(self, block, group, xs, w_cat, gram, n, call) -> Callable:
+        """The search objective for one group: fast (sampled Gram) or the paper's exact loss."""
+        if self.acfg.search == "fast":
+            return lambda s: scaled_error(w_cat, s, self.qcfg, gram, n)
+        if group.linears == (group.inspect,):
+            # one inspected linear: its output MSE over all tokens is tr(D G D^T) / (N out)
+            flats = [x.reshape(-1, x.shape[-1]).float() for x in xs]
+            g_all, n_all = sum(f.T @ f for f in flats), sum(f.shape[0] for f in flats)
+            return lambda s: scaled_error(w_cat, s, self.qcfg, g_all, n_all)
+        return self._exact_loss([block.get_submodule(n) for n in group.linears], call)
+
+    def _clips(self, i: int, group: ScaleGroup, lins: list, xs: list, sv: torch.Tensor) -> dict:
+        clips = {}
+        if not self.acfg.clip:
+            return clips
+        xc = self._sample(xs, self.acfg.clip_tokens) / sv
+        for name, lin in zip(group.linears, lins, strict=True):
+            if name not in self.spec.no_clip:
+                b = clip_bounds(lin.weight.float() * sv, xc, self.qcfg, self.acfg)
+                if b is not None:
+                    clips[name] = self.recipe.clips[f"{i}.{name}"] = b
+        return clips
+
     def _on_group(self, i: int, block: nn.Module, group: ScaleGroup, xs: list, call):
-        """Search one group on its input chunks xs [B, T, C]; leaves effective weights in place."""
-        qcfg = self.qcfg
-        c = xs[0].shape[-1]
+        """Search one group on its input chunks xs [B, T, C]; leaves effective weights in place.
+
+        Returns ((s, clips) for apply_group, (rtn error, awq error) for the report).
+        """
+        qcfg, c = self.qcfg, xs[0].shape[-1]
         for x in xs:
             check_finite(x, f"block {i} {group.name} input")
         x_mean = sum(torch.linalg.vector_norm(x.reshape(-1, c).float(), 1, dim=0) for x in xs)
@@ -154,24 +186,9 @@ class AWQSearch:
         w_cat = torch.cat([lin.weight.detach().float() for lin in lins])
         xg = self._sample(xs, self.acfg.gram_tokens)
         gram, n = xg.T @ xg, xg.shape[0]
-
-        def fast_loss(s: torch.Tensor) -> float:
-            return gram_error(fake_quantize(w_cat * s, qcfg)[0] / s - w_cat, gram, n)
-
-        def full_gram_loss(s: torch.Tensor) -> float:
-            # a single inspected linear: its output MSE over all tokens, tr(D G D^T) / (N out)
-            return gram_error(fake_quantize(w_cat * s, qcfg)[0] / s - w_cat, gram_all, n_all)
-
         s = None
         if can_fold(block, group):
-            if self.acfg.search == "fast":
-                loss = fast_loss
-            elif group.linears == (group.inspect,):
-                flats = [x.reshape(-1, c).float() for x in xs]
-                gram_all, n_all = sum(f.T @ f for f in flats), sum(f.shape[0] for f in flats)
-                loss = full_gram_loss
-            else:
-                loss = self._exact_loss(lins, call)
+            loss = self._scale_loss(block, group, xs, w_cat, gram, n, call)
             s, _ = search_scale(x_mean, [w_cat], loss, qcfg, self.acfg)
             if s is None:
                 self.recipe.fallbacks.append(f"{i}.{group.name}")
@@ -179,20 +196,13 @@ class AWQSearch:
             else:
                 self.recipe.scales[f"{i}.{group.name}"] = s
         sv = torch.ones(c) if s is None else s
-        clips = {}
-        if self.acfg.clip:
-            xc = self._sample(xs, self.acfg.clip_tokens) / sv
-            for name, lin in zip(group.linears, lins, strict=True):
-                if name not in self.spec.no_clip:
-                    b = clip_bounds(lin.weight.float() * sv, xc, qcfg, self.acfg)
-                    if b is not None:
-                        clips[name] = self.recipe.clips[f"{i}.{name}"] = b
+        clips = self._clips(i, group, lins, xs, sv)
         for name, lin in zip(group.linears, lins, strict=True):
             lo, hi = clips.get(name, (None, None))
             eff = fake_quantize(lin.weight.float() * sv, qcfg, lo, hi)[0] / sv
             lin.weight.data = eff.to(lin.weight.dtype)
         w_eff = torch.cat([lin.weight.float() for lin in lins])
-        rtn_err = gram_error(fake_quantize(w_cat, qcfg)[0] - w_cat, gram, n)
+        rtn_err = scaled_error(w_cat, torch.ones(c), qcfg, gram, n)
         return (s, clips), (rtn_err, gram_error(w_eff - w_cat, gram, n))
 
     def _process(self, i: int, block: nn.Module, run: Callable) -> None:

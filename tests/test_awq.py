@@ -89,20 +89,33 @@ def test_awq_block_error_not_above_rtn(arch):
 
 
 @pytest.mark.parametrize("search", ["fast", "exact"])
-def test_saved_search_reapplies_bit_for_bit(tmp_path, search):
+@pytest.mark.parametrize("arch", ["llama-mha", "gemma3", "opt"])
+def test_saved_search_reapplies_bit_for_bit(tmp_path, search, arch):
     q = QuantConfig(4, 16)
     a = AWQConfig(search=search, gram_tokens=128, duo_scaling=search == "exact")
-    model = llama(gqa=False)
+    make = (lambda: llama(gqa=False)) if arch == "llama-mha" else FACTORIES[arch]
+    model = make()
     recipe = awq_quantize(model, calib_ids(), q, a)
     assert recipe.scales and recipe.clips
     path = tmp_path / "search.safetensors"
     recipe.save(path)
-    fresh = llama(gqa=False)
+    fresh = make()
     apply_recipe(fresh, Recipe.load(path))
     a, b = model.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_non_finite_search_falls_back_to_identity(monkeypatch):
+    import edgequant.awq as awq_mod
+
+    monkeypatch.setattr(awq_mod, "scaled_error", lambda *a, **k: float("nan"))
+    model = llama()
+    recipe = awq_quantize(model, calib_ids(), QuantConfig(4, 16), AWQConfig(gram_tokens=128))
+    assert not recipe.scales
+    assert len(recipe.fallbacks) == 2 * 3  # 2 blocks x 3 foldable groups (GQA skips attn_out)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_rtn_is_the_empty_recipe():
