@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/edgequant compare smollm2-135m --methods rtn,awq --w-bits 3 --group-size 64 \
-  --ppl austen,pydocs --max-windows 16 "$@"
+  --ppl austen,pydocs --max-windows 8 "$@"

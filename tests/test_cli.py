@@ -138,3 +138,16 @@ def test_quantize_save_and_eval(capsys, tmp_path, tiny_dir, calib_file):
     a = AutoModelForCausalLM.from_pretrained(out).state_dict()
     b = AutoModelForCausalLM.from_pretrained(out2).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compare_prints_table(capsys, tmp_path, tiny_dir, calib_file):
+    js = tmp_path / "c.json"
+    argv = ["compare", tiny_dir(), "--w-bits", "3", "--group-size", "16", "--calib", calib_file,
+            "--n-samples", "4", "--seqlen", "32", "--ppl", calib_file, "--max-windows", "2",
+            "--json", js]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    out = capsys.readouterr().out
+    assert "| method |" in out and "| rtn |" in out and "| awq |" in out and "protocol:" in out
+    rows = json.loads(js.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["fp", "rtn", "awq"]
+    assert all(next(iter(r["ppl"].values()))["windows"] == 2 for r in rows)
