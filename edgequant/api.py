@@ -23,23 +23,26 @@ def quantize_model(
     calib: CalibConfig | None = None,
     load_search: str | None = None,
 ) -> Recipe:
-    """Quantize a loaded float model in place and return the recipe that did it."""
+    """Quantize a loaded float model in place and return the recipe that did it.
+
+    The weights end exactly as a packed checkpoint stores them (see checkpoint.finalize).
+    """
     from edgequant.arch import arch_for
+    from edgequant.checkpoint import finalize
 
     quant, awq, calib = quant or QuantConfig(), awq or AWQConfig(), calib or CalibConfig()
     if method not in METHODS:
         raise EdgequantError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     arch_for(model)
-    if load_search:
-        recipe = Recipe.load(load_search)
-    elif method == "rtn":
-        recipe = Recipe(quant=quant, model_type=model.config.model_type)
+    if load_search or method == "rtn":
+        recipe = Recipe.load(load_search) if load_search else Recipe(quant, "rtn")
+        apply_recipe(model, recipe)
     else:
         from edgequant.awq import awq_quantize
         from edgequant.data import calibration_ids
 
-        return awq_quantize(model, calibration_ids(tokenizer, calib), quant, awq)
-    apply_recipe(model, recipe)
+        recipe = awq_quantize(model, calibration_ids(tokenizer, calib), quant, awq)
+    finalize(model, recipe.quant)
     return recipe
 
 

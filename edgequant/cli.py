@@ -12,7 +12,7 @@ from edgequant.errors import EdgequantError
 
 
 def _add_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize a model with RTN or AWQ (fake-quantized weights)")
+    p = sub.add_parser("quantize", help="quantize a model with RTN or AWQ")
     p.add_argument("model", help="zoo name (smollm2-135m, gemma3-270m), model directory or hub id")
     p.add_argument("--method", choices=("rtn", "awq"), default="awq")
     p.add_argument("--w-bits", type=int, default=4)
@@ -39,7 +39,13 @@ def _add_quantize(sub) -> None:
     p.add_argument(
         "--load-search", metavar="FILE", help="apply a saved search instead of searching"
     )
-    p.add_argument("--out", metavar="DIR", help="save the fake-quantized model (safetensors)")
+    p.add_argument("--out", metavar="DIR", help="write a packed checkpoint")
+    p.add_argument(
+        "--format",
+        choices=("awq", "compressed-tensors", "edgequant", "fake"),
+        help="checkpoint layout (default: awq for 4-bit zero-point grouped, else edgequant; "
+        "fake: dequantized float weights)",
+    )
     p.add_argument("--ppl", metavar="TEXT", help="evaluate perplexity afterwards on this text")
     p.add_argument("--max-windows", type=int)
     p.add_argument("--json", metavar="FILE", help="write a JSON summary")
@@ -117,8 +123,14 @@ def cmd_quantize(a) -> dict:
     qcfg = QuantConfig(bits=a.w_bits, group_size=a.group_size, zero_point=a.zero_point)
     acfg = AWQConfig(search=a.search, duo_scaling=a.duo_scaling, clip=a.clip, clip_form=a.clip_form)
     ccfg = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
-    if a.out and Path(a.out).exists():
-        raise EdgequantError(f"output directory {a.out} already exists")
+    from edgequant.formats import check_format, default_format
+
+    fmt = a.format or default_format(qcfg)
+    if a.out:
+        if fmt != "fake":
+            check_format(fmt, qcfg)
+        if Path(a.out).exists():
+            raise EdgequantError(f"output directory {a.out} already exists")
     t0 = time.perf_counter()
     model, tok, recipe = quantize(
         a.model, a.method, quant=qcfg, awq=acfg, calib=ccfg, load_search=a.load_search
@@ -132,10 +144,15 @@ def cmd_quantize(a) -> dict:
         recipe.save(a.save_search)
         print(f"search saved to {a.save_search}")
     if a.out:
-        from edgequant.io import save_model
+        if fmt == "fake":
+            from edgequant.io import save_model
 
-        save_model(model, tok, Path(a.out), recipe)
-        print(f"model saved to {a.out}")
+            save_model(model, tok, Path(a.out), recipe)
+        else:
+            from edgequant.checkpoint import save_quantized
+
+            save_quantized(model, tok, Path(a.out), recipe.quant, fmt)
+        print(f"{fmt} checkpoint written to {a.out}")
     summary = {
         "model": a.model,
         "method": recipe.method,

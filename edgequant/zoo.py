@@ -120,9 +120,14 @@ def load(name_or_path: str):
     """Load (model in float32, eval mode; tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edgequant.checkpoint import load_quantized, quant_method
+    from edgequant.formats import FORMATS
+
     where = resolve(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(where)
+        if Path(where).is_dir() and quant_method(Path(where)) in FORMATS:
+            return load_quantized(where), tok
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
     except OSError as e:
         raise EdgequantError(
