@@ -239,6 +239,8 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
+    if not (path / "config.json").is_file():
+        raise EdgequantError(f"{path} is not a checkpoint directory (no config.json)")
     raw = json.loads((path / "config.json").read_text())
     fmt, cfg = read_quant_config(raw.get("quantization_config") or {}, path / "config.json")
     tensors = _Tensors(path)

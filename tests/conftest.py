@@ -90,12 +90,12 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def llama(gqa: bool = True, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+def llama(gqa: bool = True, layers: int = 2, seed: int = 0, hidden: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2 if gqa else 4,
@@ -105,32 +105,32 @@ def llama(gqa: bool = True, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     return _randomize_norms(LlamaForCausalLM(cfg).eval())
 
 
-def gemma3(layers: int = 2, seed: int = 0) -> Gemma3ForCausalLM:
+def gemma3(layers: int = 2, seed: int = 0, hidden: int = 64) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
         vocab_size=320,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
-        head_dim=16,
+        head_dim=hidden // 4,
         max_position_embeddings=256,
         sliding_window=16,
     )
     return _randomize_norms(Gemma3ForCausalLM(cfg).eval())
 
 
-def opt(layers: int = 2, seed: int = 0) -> OPTForCausalLM:
+def opt(layers: int = 2, seed: int = 0, hidden: int = 64) -> OPTForCausalLM:
     torch.manual_seed(seed)
     cfg = OPTConfig(
         vocab_size=320,
-        hidden_size=64,
-        ffn_dim=128,
+        hidden_size=hidden,
+        ffn_dim=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=256,
-        word_embed_proj_dim=64,
+        word_embed_proj_dim=hidden,
     )
     return _randomize_norms(OPTForCausalLM(cfg).eval())
 
