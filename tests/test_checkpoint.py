@@ -231,3 +231,24 @@ def test_killed_writer_leaves_nothing_loadable(tmp_path):
     for p in leftovers:
         with pytest.raises(EdgequantError):
             load_quantized(p)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64), (4, -1)])
+def test_transformers_loads_our_compressed_tensors_checkpoint(tmp_path, tokenizer, bits, group):
+    """transformers' own compressed-tensors path (pip compressed-tensors) gives our logits.
+
+    Symmetric only: transformers 5.23 + compressed-tensors 0.20 allocate asymmetric zero
+    points unpacked ([out, groups]) and reject, as a size mismatch, the packed-along-out
+    zero points ([ceil(out*bits/32), groups]) that compressed-tensors' own compressor
+    writes and vLLM reads; ours follow the compressor (see the two tests above).
+    """
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    q = QuantConfig(bits, group, zero_point=False)
+    model = quantized("llama", q)
+    save_quantized(model, tokenizer, tmp_path / "ct", q, "compressed-tensors")
+    peer = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, peer(ids).logits)
