@@ -49,10 +49,9 @@ def save(path: Path, results: dict) -> None:
 def run_model(name: str, args, results: dict, path: Path) -> None:
     model, tok = load(name)
     ids = {t: evaluation_ids(tok, get_source(t)) for t in TEXTS}
-    float_state = {k: v.clone() for k, v in model.state_dict().items()}
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
 
-    def record(bits, group, method, seconds):
+    def record(model, bits, group, method, seconds):
         ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
         row = {
             "model": name,
@@ -67,17 +66,17 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
         print(f"{key(row)}: " + ", ".join(f"{t} {p['ppl']:.3f}" for t, p in ppl.items()))
 
     if not args.exact_only:
-        record(16, -1, "fp", 0.0)
+        record(model, 16, -1, "fp", 0.0)
     for bits, group in CONFIGS[name]:
         q = QuantConfig(bits, group, zero_point=True)
         methods = [("awq-exact", "awq", AWQConfig(search="exact"))] if bits == 3 else []
         if not args.exact_only:
             methods = [("rtn", "rtn", None), ("awq", "awq", AWQConfig())]
         for label, method, acfg in methods:
-            model.load_state_dict(float_state)
+            model, tok = load(name)  # a fresh float model
             t0 = time.perf_counter()
             quantize_model(model, tok, method, quant=q, awq=acfg, calib=calib)
-            record(bits, group, label, time.perf_counter() - t0)
+            record(model, bits, group, label, time.perf_counter() - t0)
 
 
 def render(results: dict) -> str:

@@ -58,12 +58,11 @@ def main() -> None:
     rows = []
     for name in args.models.split(","):
         model, tok = load(name)
-        state = {k: v.clone() for k, v in model.state_dict().items()}
         mods = quantized_modules(model)
         n_weights = sum(m.weight.numel() for m in mods.values())
         for (bits, group), formats in CONFIGS:
             q = QuantConfig(bits, group)
-            model.load_state_dict(state)
+            model, tok = load(name)
             quantize_model(model, tok, "rtn", quant=q)
             for fmt in formats:
                 with tempfile.TemporaryDirectory() as tmp:

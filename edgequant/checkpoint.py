@@ -29,7 +29,6 @@ from edgequant.formats import (
     quantization_config,
 )
 from edgequant.modules import QuantLinear, unsigned_codes
-from edgequant.primitives import dequantize
 
 SHARD_BYTES = 1 << 30
 
@@ -46,11 +45,27 @@ def quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def finalize(model: nn.Module, cfg: QuantConfig) -> None:
-    """Snap fake-quantized weights to exactly what a packed checkpoint stores (fp16 scales)."""
-    for lin in quantized_modules(model).values():
-        codes, scale, zero = unsigned_codes(lin.weight.float(), cfg)
-        lin.weight.copy_(dequantize(codes, scale, zero, cfg).to(lin.weight.dtype))
+def finalize(model: nn.Module, cfg: QuantConfig, qparams: dict | None = None) -> None:
+    """Swap each quantized nn.Linear for a QuantLinear holding its integer codes.
+
+    This is the canonical quantized state that checkpoints pack: scales are rounded to fp16
+    as every format stores them. `qparams` (name -> (scale, zero) [out, ng]) come from
+    algorithms whose groups need not span the whole code range (GPTQ); otherwise they are
+    derived from the fake-quantized weights. Already swapped modules are left alone.
+    """
+    for name, lin in quantized_modules(model).items():
+        if isinstance(lin, QuantLinear):
+            if lin.cfg != cfg:
+                raise EdgequantError(f"{name} is quantized as {lin.cfg}, not {cfg}")
+            continue
+        codes, scale, zero = unsigned_codes(lin.weight.float(), cfg, (qparams or {}).get(name))
+        q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, cfg)
+        q.codes.copy_(codes)
+        q.scale.copy_(scale)
+        q.zero.copy_(zero)
+        if lin.bias is not None:
+            q.bias.data.copy_(lin.bias)
+        model.set_submodule(name, q.to(lin.weight.device))
 
 
 def _shared_key(state: dict, key: str, seen: dict) -> bool:
@@ -63,15 +78,17 @@ def _shared_key(state: dict, key: str, seen: dict) -> bool:
 
 def packed_state(model: nn.Module, cfg: QuantConfig, fmt: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: packed quantized linears + every other tensor as is."""
+    finalize(model, cfg)
     mods = quantized_modules(model)
     state = model.state_dict()
     out, seen = {}, {}
     for key in state:
         mod_name, _, leaf = key.rpartition(".")
-        if mod_name in mods and leaf == "weight":
-            codes, scale, zero = unsigned_codes(mods[mod_name].weight.float(), cfg)
-            for suffix, t in encode(fmt, codes, scale, zero, cfg).items():
-                out[f"{mod_name}.{suffix}"] = t.contiguous()
+        if mod_name in mods and leaf in ("codes", "scale", "zero"):
+            if leaf == "codes":
+                m = mods[mod_name]
+                for suffix, t in encode(fmt, m.codes, m.scale, m.zero, cfg).items():
+                    out[f"{mod_name}.{suffix}"] = t.contiguous()
         elif not _shared_key(state, key, seen):  # tied weights are stored once
             out[key] = state[key].contiguous()
     return out

@@ -42,9 +42,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--out", metavar="DIR", help="write a packed checkpoint")
     p.add_argument(
         "--format",
-        choices=("awq", "compressed-tensors", "edgequant", "fake"),
-        help="checkpoint layout (default: awq for 4-bit zero-point grouped, else edgequant; "
-        "fake: dequantized float weights)",
+        choices=("awq", "compressed-tensors", "edgequant"),
+        help="checkpoint layout (default: awq for 4-bit zero-point grouped, else edgequant)",
     )
     p.add_argument("--ppl", metavar="TEXT", help="evaluate perplexity afterwards on this text")
     p.add_argument("--max-windows", type=int)
@@ -127,8 +126,7 @@ def cmd_quantize(a) -> dict:
 
     fmt = a.format or default_format(qcfg)
     if a.out:
-        if fmt != "fake":
-            check_format(fmt, qcfg)
+        check_format(fmt, qcfg)
         if Path(a.out).exists():
             raise EdgequantError(f"output directory {a.out} already exists")
     t0 = time.perf_counter()
@@ -144,14 +142,9 @@ def cmd_quantize(a) -> dict:
         recipe.save(a.save_search)
         print(f"search saved to {a.save_search}")
     if a.out:
-        if fmt == "fake":
-            from edgequant.io import save_model
+        from edgequant.checkpoint import save_quantized
 
-            save_model(model, tok, Path(a.out), recipe)
-        else:
-            from edgequant.checkpoint import save_quantized
-
-            save_quantized(model, tok, Path(a.out), recipe.quant, fmt)
+        save_quantized(model, tok, Path(a.out), recipe.quant, fmt)
         print(f"{fmt} checkpoint written to {a.out}")
     summary = {
         "model": a.model,

@@ -52,13 +52,16 @@ class QuantLinear(nn.Module):
 
 
 def unsigned_codes(
-    w: torch.Tensor, cfg: QuantConfig, scale_dtype: torch.dtype = torch.float16
+    w: torch.Tensor,
+    cfg: QuantConfig,
+    params: tuple[torch.Tensor, torch.Tensor] | None = None,
+    scale_dtype: torch.dtype = torch.float16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # w [out, in] fake-quantized -> codes [out, in] uint8, scale [out, ng] (scale_dtype values,
-    # float32 storage), zero [out, ng] float32
+    # w [out, in] fake-quantized, params (scale, zero) [out, ng] or None (derived from w) ->
+    # codes [out, in] uint8, scale [out, ng] (scale_dtype values, float32), zero [out, ng]
     from edgequant.primitives import quant_params, quantize
 
-    scale, zero = quant_params(w, cfg)
+    scale, zero = params if params is not None else quant_params(w, cfg)
     q = quantize(w, scale, zero, cfg)
     if not cfg.zero_point:
         offset = 2 ** (cfg.bits - 1)

@@ -49,7 +49,7 @@ def test_roundtrip_reproduces_weights_and_logits(tmp_path, tokenizer, arch, bits
     loaded = load_quantized(tmp_path / "ckpt")
     mods = dict(loaded.named_modules())
     for name, lin in quantized_modules(model).items():
-        assert torch.equal(mods[name].dequantized(), lin.weight), name
+        assert torch.equal(mods[name].dequantized(), lin.dequantized()), name
     ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
@@ -77,8 +77,6 @@ def test_compressed_tensors_reads_our_packing(tmp_path, tokenizer):
     helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
     from safetensors import safe_open
 
-    from edgequant.modules import unsigned_codes
-
     for bits, group in ((4, 32), (3, 64), (8, 128)):
         q = QuantConfig(bits, group, zero_point=True)
         model = quantized("llama", q)
@@ -86,7 +84,7 @@ def test_compressed_tensors_reads_our_packing(tmp_path, tokenizer):
         save_quantized(model, tokenizer, out, q, "compressed-tensors")
         name = "model.layers.1.self_attn.o_proj"
         lin = quantized_modules(model)[name]
-        codes, scale, zero = unsigned_codes(lin.weight.float(), q)
+        codes, scale, zero = lin.codes, lin.scale, lin.zero
         with safe_open(out / "model.safetensors", "pt") as f:
             packed = f.get_tensor(f"{name}.weight_packed")
             zp = f.get_tensor(f"{name}.weight_zero_point")
@@ -102,7 +100,7 @@ def test_compressed_tensors_reads_our_packing(tmp_path, tokenizer):
         w = (
             codes.float() - off - (zero - off).repeat_interleave(group, 1)
         ) * scale.repeat_interleave(group, 1)
-        assert torch.equal(w, lin.weight)
+        assert torch.equal(w, lin.dequantized())
 
 
 def test_checkpoint_packed_by_compressed_tensors_loads(tmp_path, tokenizer):
@@ -113,11 +111,9 @@ def test_checkpoint_packed_by_compressed_tensors_loads(tmp_path, tokenizer):
     model = quantized("opt", q)
     out = tmp_path / "ct"
     save_quantized(model, tokenizer, out, q, "compressed-tensors")
-    from edgequant.modules import unsigned_codes
-
     tensors = load_file(out / "model.safetensors")
     for name, lin in quantized_modules(model).items():  # re-pack every linear with peer code
-        codes, _, zero = unsigned_codes(lin.weight.float(), q)
+        codes, zero = lin.codes, lin.zero
         signed = (codes.long() - 8).to(torch.int8)
         tensors[f"{name}.weight_packed"] = helpers.pack_to_int32(signed, 4)
         tensors[f"{name}.weight_zero_point"] = helpers.pack_to_int32(
@@ -128,7 +124,7 @@ def test_checkpoint_packed_by_compressed_tensors_loads(tmp_path, tokenizer):
     loaded = load_quantized(out)
     mods = dict(loaded.named_modules())
     for name, lin in quantized_modules(model).items():
-        assert torch.equal(mods[name].dequantized(), lin.weight), name
+        assert torch.equal(mods[name].dequantized(), lin.dequantized()), name
 
 
 # ---- corrupt and partial checkpoints ----
