@@ -9,9 +9,10 @@ from torch import nn
 
 from edgequant.config import AWQConfig, CalibConfig, QuantConfig
 from edgequant.errors import EdgequantError
+from edgequant.gptq import GPTQConfig
 from edgequant.recipe import Recipe, apply_recipe
 
-METHODS = ("rtn", "awq")
+METHODS = ("rtn", "awq", "gptq", "awq+gptq")
 
 
 def quantize_model(
@@ -22,6 +23,7 @@ def quantize_model(
     awq: AWQConfig | None = None,
     calib: CalibConfig | None = None,
     load_search: str | None = None,
+    gptq: GPTQConfig | None = None,
 ) -> Recipe:
     """Quantize a loaded float model in place and return the recipe that did it.
 
@@ -34,16 +36,37 @@ def quantize_model(
     if method not in METHODS:
         raise EdgequantError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     arch_for(model)
-    if load_search or method == "rtn":
-        recipe = Recipe.load(load_search) if load_search else Recipe(quant, "rtn")
-        apply_recipe(model, recipe)
+    float_state = None
+    if load_search:
+        recipe = Recipe.load(load_search)
+    elif method in ("rtn", "gptq"):
+        recipe = Recipe(quant, method, model_type=model.config.model_type)
     else:
         from edgequant.awq import awq_quantize
-        from edgequant.data import calibration_ids
 
-        recipe = awq_quantize(model, calibration_ids(tokenizer, calib), quant, awq)
-    finalize(model, recipe.quant)
+        if method == "awq+gptq":  # GPTQ restarts from the float weights
+            float_state = {k: v.clone() for k, v in model.state_dict().items()}
+        recipe = awq_quantize(model, _calibration(tokenizer, calib), quant, awq)
+        recipe.method = method
+    if recipe.method not in ("gptq", "awq+gptq"):
+        if load_search or method == "rtn":
+            apply_recipe(model, recipe)
+        finalize(model, recipe.quant)
+        return recipe
+    from edgequant.gptq import gptq_quantize
+
+    if float_state is not None:
+        model.load_state_dict(float_state)
+    apply_recipe(model, recipe, quantize=False)  # AWQ's scales and clips, if any
+    result = gptq_quantize(model, _calibration(tokenizer, calib), recipe.quant, gptq)
+    finalize(model, recipe.quant, result.qparams)
     return recipe
+
+
+def _calibration(tokenizer, calib: CalibConfig):
+    from edgequant.data import calibration_ids
+
+    return calibration_ids(tokenizer, calib)
 
 
 def quantize(model_name: str, method: str = "awq", **kw):

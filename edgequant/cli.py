@@ -14,7 +14,7 @@ from edgequant.errors import EdgequantError
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model with RTN or AWQ")
     p.add_argument("model", help="zoo name (smollm2-135m, gemma3-270m), model directory or hub id")
-    p.add_argument("--method", choices=("rtn", "awq"), default="awq")
+    p.add_argument("--method", choices=("rtn", "awq", "gptq", "awq+gptq"), default="awq")
     p.add_argument("--w-bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128, help="-1 for per-channel")
     zp = p.add_mutually_exclusive_group()
@@ -35,6 +35,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--duo-scaling", action="store_true", help="s = x^a / w^(1-a) (peers' default)")
     p.add_argument("--no-clip", dest="clip", action="store_false")
     p.add_argument("--clip-form", choices=("asym", "sym"), default="asym")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H)")
+    p.add_argument(
+        "--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean diag"
+    )
     p.add_argument("--save-search", metavar="FILE", help="write the searched scales and clips")
     p.add_argument(
         "--load-search", metavar="FILE", help="apply a saved search instead of searching"
@@ -130,8 +134,11 @@ def cmd_quantize(a) -> dict:
         if Path(a.out).exists():
             raise EdgequantError(f"output directory {a.out} already exists")
     t0 = time.perf_counter()
+    from edgequant.gptq import GPTQConfig
+
+    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order)
     model, tok, recipe = quantize(
-        a.model, a.method, quant=qcfg, awq=acfg, calib=ccfg, load_search=a.load_search
+        a.model, a.method, quant=qcfg, awq=acfg, calib=ccfg, load_search=a.load_search, gptq=gcfg
     )
     seconds = time.perf_counter() - t0
     what = f"{recipe.method} w{qcfg.bits} g{qcfg.group_size}"

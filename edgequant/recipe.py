@@ -20,7 +20,7 @@ from torch import nn
 from edgequant.arch import ArchSpec, ScaleGroup, arch_for, blocks_of, can_fold, fold_into_prev
 from edgequant.config import AWQConfig, QuantConfig
 from edgequant.errors import EdgequantError
-from edgequant.primitives import fake_quantize
+from edgequant.primitives import clamp_groups, fake_quantize
 
 FORMAT = "edgequant-recipe/1"
 
@@ -109,8 +109,13 @@ def apply_group(
     cfg: QuantConfig,
     s: torch.Tensor | None,
     clips: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    quantize: bool = True,
 ) -> None:
-    """Fold s into the prev op, scale the group's weights by s, clip and fake-quantize them."""
+    """Fold s into the prev op, scale the group's weights by s, clip and fake-quantize them.
+
+    With quantize=False the weights are only scaled and clamped to the clip bounds (the float
+    model another quantizer, e.g. GPTQ, starts from).
+    """
     if s is not None:
         fold_into_prev(block.get_submodule(group.prev), s, spec.norm)
     for name in group.linears:
@@ -119,12 +124,18 @@ def apply_group(
         if s is not None:
             w = w * s.view(1, -1)
         lo, hi = clips.get(name, (None, None))
-        wq, _, _ = fake_quantize(w, cfg, lo, hi)
-        lin.weight.copy_(wq.to(lin.weight.dtype))
+        if quantize:
+            w = fake_quantize(w, cfg, lo, hi)[0]
+        elif hi is not None:
+            w = clamp_groups(w, lo, hi, cfg)
+        lin.weight.copy_(w.to(lin.weight.dtype))
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe) -> None:
-    """Quantize every block's linears in place as the recipe says (RTN when it is empty)."""
+def apply_recipe(model: nn.Module, recipe: Recipe, quantize: bool = True) -> None:
+    """Quantize every block's linears in place as the recipe says (RTN when it is empty).
+
+    quantize=False applies only the equivalent transformation and clipping.
+    """
     spec = arch_for(model)
     if recipe.model_type and recipe.model_type != model.config.model_type:
         raise EdgequantError(
@@ -139,4 +150,4 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> None:
                     f"recipe has a scale for block {i} {g.name}, which cannot fold"
                 )
             clips = {n: recipe.clips[f"{i}.{n}"] for n in g.linears if f"{i}.{n}" in recipe.clips}
-            apply_group(block, spec, g, recipe.quant, s, clips)
+            apply_group(block, spec, g, recipe.quant, s, clips, quantize)
