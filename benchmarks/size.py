@@ -62,6 +62,12 @@ def main() -> None:
         n_weights = sum(m.weight.numel() for m in mods.values())
         for (bits, group), formats in CONFIGS:
             q = QuantConfig(bits, group)
+            widths = sorted({m.in_features for m in mods.values()})
+            if any(w % group for w in widths):
+                why = f"group {group} does not divide in_features {widths}"
+                rows.append({"model": name, "bits": bits, "group_size": group, "skipped": why})
+                print(f"{name} W{bits} g{group}: skipped, {why}")
+                continue
             model, tok = load(name)
             quantize_model(model, tok, "rtn", quant=q)
             for fmt in formats:
@@ -80,6 +86,10 @@ def main() -> None:
     print("\n| model | config | format | bits/weight | limit | checkpoint MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
+        if "skipped" in r:
+            cfg = f"W{r['bits']} g{r['group_size']}"
+            print(f"| {r['model']} | {cfg} | - | n/a ({r['skipped']}) | | |")
+            continue
         lim = "" if r["limit"] is None else f"<= {r['limit']}"
         mb = r["checkpoint_bytes"] / 2**20
         cfg = f"W{r['bits']} g{r['group_size']}"
