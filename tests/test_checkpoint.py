@@ -68,6 +68,18 @@ def test_awq_config_and_tensors(tmp_path, tokenizer):
         sc = f.get_tensor("model.layers.0.mlp.down_proj.scales")
     assert qw.dtype == torch.int32 and qw.shape == (256, 128 // 8)
     assert sc.dtype == torch.float16 and sc.shape == (256 // 64, 128)
+    # independent decode of the file's qweight from the published layout: word (k, j) holds,
+    # in nibble i, input row k of output column 8j + [0, 2, 4, 6, 1, 3, 5, 7][i]
+    codes = quantized_modules(load_quantized(tmp_path / "c"))["model.layers.0.mlp.down_proj"].codes
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    for k in (0, 77, 255):
+        for j in (0, 9, 15):
+            word = qw[k, j].item() & 0xFFFFFFFF
+            for i in range(8):
+                assert (word >> (4 * i)) & 0xF == codes[8 * j + order[i], k].item()
+    assert torch.equal(
+        sc.float().T, load_quantized(tmp_path / "c").model.layers[0].mlp.down_proj.scale
+    )
 
 
 # ---- a peer: compressed-tensors' own packing code (PyPI, runs on CPU) ----
