@@ -1,0 +1,75 @@
+"""AWQ search variants on one configuration: which knobs move perplexity.
+
+    python benchmarks/awq_variants.py --variants default,duo,sym,noclip --bits 3 --group 64
+
+Each variant quantizes a fresh float SmolLM2-135M (pydocs calibration, 128 x 512) and is
+evaluated on the first --max-windows 2048-token windows of Pride and Prejudice. Writes
+benchmarks/results/awq_variants.json and prints a table with the RTN and FP references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from edgequant.api import quantize_model
+from edgequant.config import AWQConfig, QuantConfig
+from edgequant.data import evaluation_ids, get_source
+from edgequant.evaluate import perplexity
+from edgequant.io import atomic_write_text
+from edgequant.zoo import load
+
+VARIANTS = {
+    "default": AWQConfig(),
+    "duo": AWQConfig(duo_scaling=True),
+    "sym": AWQConfig(clip_form="sym"),
+    "noclip": AWQConfig(clip=False),
+    "gram32k": AWQConfig(gram_tokens=32768),
+    "clip8k": AWQConfig(clip_tokens=8192),
+    "fp32": AWQConfig(bf16_matmul=False),
+    "exact": AWQConfig(search="exact"),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--variants", default="default,duo,sym,noclip")
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--text", default="austen")
+    p.add_argument("--max-windows", type=int, default=8)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/awq_variants.json")
+    a = p.parse_args()
+    q = QuantConfig(a.bits, a.group)
+    model, tok = load(a.model)
+    ids = evaluation_ids(tok, get_source(a.text))
+
+    def ppl(m) -> float:
+        return perplexity(m, tok, ids, 2048, a.max_windows, progress=False).ppl
+
+    rows = [{"variant": "fp", "ppl": ppl(model), "seconds": 0.0}]
+    model, tok = load(a.model)
+    quantize_model(model, tok, "rtn", quant=q)
+    rows.append({"variant": "rtn", "ppl": ppl(model), "seconds": 0.0})
+    for name in a.variants.split(","):
+        model, tok = load(a.model)
+        t0 = time.perf_counter()
+        quantize_model(model, tok, "awq", quant=q, awq=VARIANTS[name])
+        rows.append({"variant": name, "ppl": ppl(model), "seconds": time.perf_counter() - t0})
+        print(f"{name}: {rows[-1]['ppl']:.3f}", flush=True)
+    fp, rtn = rows[0]["ppl"], rows[1]["ppl"]
+    for r in rows:
+        r["gap_closed"] = (rtn - r["ppl"]) / (rtn - fp)
+    out = {"model": a.model, "bits": a.bits, "group_size": a.group, "text": a.text,
+           "max_windows": a.max_windows, "rows": rows}  # fmt: skip
+    atomic_write_text(a.out, json.dumps(out, indent=2) + "\n")
+    print("| variant | ppl | RTN-FP gap closed | quant s |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['ppl']:.3f} | {r['gap_closed']:.0%} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
