@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from edgequant.api import quantize_model
-from edgequant.config import AWQConfig, QuantConfig
+from edgequant.config import AWQConfig, CalibConfig, QuantConfig
 from edgequant.data import evaluation_ids, get_source
 from edgequant.evaluate import perplexity
 from edgequant.io import atomic_write_text
@@ -40,6 +40,7 @@ def main() -> None:
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--text", default="austen")
+    p.add_argument("--calib", default="pydocs", help="calibration text source")
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/awq_variants.json")
     a = p.parse_args()
@@ -57,13 +58,15 @@ def main() -> None:
     for name in a.variants.split(","):
         model, tok = load(a.model)
         t0 = time.perf_counter()
-        quantize_model(model, tok, "awq", quant=q, awq=VARIANTS[name])
+        calib = CalibConfig(source=a.calib)
+        quantize_model(model, tok, "awq", quant=q, awq=VARIANTS[name], calib=calib)
         rows.append({"variant": name, "ppl": ppl(model), "seconds": time.perf_counter() - t0})
         print(f"{name}: {rows[-1]['ppl']:.3f}", flush=True)
     fp, rtn = rows[0]["ppl"], rows[1]["ppl"]
     for r in rows:
         r["gap_closed"] = (rtn - r["ppl"]) / (rtn - fp)
     out = {"model": a.model, "bits": a.bits, "group_size": a.group, "text": a.text,
+           "calib": a.calib,
            "max_windows": a.max_windows, "rows": rows}  # fmt: skip
     atomic_write_text(a.out, json.dumps(out, indent=2) + "\n")
     print("| variant | ppl | RTN-FP gap closed | quant s |\n|---|---|---|---|")
