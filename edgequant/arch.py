@@ -120,11 +120,6 @@ def can_fold(block: nn.Module, group: ScaleGroup) -> bool:
     return not isinstance(prev, nn.Linear) or prev.out_features == first.in_features
 
 
-def quantized_linears(block: nn.Module, spec: ArchSpec) -> list[str]:
-    """Every linear the scale groups cover, in execution order."""
-    return [name for g in spec.groups for name in g.linears]
-
-
 @torch.no_grad()
 def fold_into_prev(prev: nn.Module, s: torch.Tensor, norm: str) -> None:
     """Divide the output of `prev` per channel by s (s: [C]); the group's weights take s."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from torch import nn
 from edgequant.arch import ArchSpec, ScaleGroup, arch_for, blocks_of, can_fold, fold_into_prev
 from edgequant.config import AWQConfig, QuantConfig
 from edgequant.errors import EdgequantError
+from edgequant.io import atomic_path
 from edgequant.primitives import clamp_groups, fake_quantize
 
 FORMAT = "edgequant-recipe/1"
@@ -52,16 +52,8 @@ class Recipe:
             "fallbacks": self.fallbacks,
             "report": self.report,
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"edgequant": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(Path(path)) as tmp:
+            save_file(tensors, str(tmp), metadata={"edgequant": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Recipe:

@@ -180,27 +180,19 @@ def test_wrong_tensor_shape(ckpt):
         load_quantized(ckpt)
 
 
-def test_unknown_quant_method(ckpt):
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("quant_method", "bitsandbytes", "config.json: unknown quant_method 'bitsandbytes'"),
+        ("bits", 3, "awq checkpoint .* 3 bits"),  # a bits/group combination awq cannot hold
+        ("group_size", 48, "group size 48 does not divide in_features 128"),
+    ],
+)
+def test_bad_quantization_config(ckpt, field, value, message):
     cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"]["quant_method"] = "bitsandbytes"
+    cfg["quantization_config"][field] = value
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EdgequantError, match="config.json: unknown quant_method 'bitsandbytes'"):
-        load_quantized(ckpt)
-
-
-def test_layout_cannot_hold(ckpt):
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"]["bits"] = 3
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EdgequantError, match="awq checkpoint .* 3 bits"):
-        load_quantized(ckpt)
-
-
-def test_group_that_does_not_divide(ckpt):
-    cfg = json.loads((ckpt / "config.json").read_text())
-    cfg["quantization_config"]["group_size"] = 48
-    (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(EdgequantError, match="group size 48 does not divide in_features 128"):
+    with pytest.raises(EdgequantError, match=message):
         load_quantized(ckpt)
 
 
