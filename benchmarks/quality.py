@@ -1,12 +1,14 @@
-"""FP / RTN / AWQ perplexity and quantization wall time on real models.
+"""FP / RTN / AWQ / GPTQ / AWQ+GPTQ perplexity and quantization wall time on real models.
 
-    python benchmarks/quality.py                      # fast AWQ, both models
-    python benchmarks/quality.py --exact-only         # paper-exact AWQ search at W3 (slow)
+    python benchmarks/quality.py                              # every method and config
+    python benchmarks/quality.py --methods rtn,awq --bits 4,3 # a slice of it
+    python benchmarks/quality.py --exact-only                 # paper-exact AWQ at W3 (slow)
 
 Rows are merged into benchmarks/results/quality.json by (model, bits, group, method), so
 runs can be split; benchmarks/results/quality.md is rendered from the JSON with the checks
-of issue #2: AWQ beats RTN on every row and text, W3 AWQ closes at least half of the
-RTN-to-FP gap, and the fast search is within 1% of the exact one.
+of issues #2 and #5: AWQ beats RTN on every row and text, W3 AWQ closes at least half of the
+RTN-to-FP gap, the fast search is within 1% of the exact one, and at INT2 AWQ+GPTQ has the
+lowest perplexity of RTN / GPTQ / AWQ / AWQ+GPTQ.
 """
 
 from __future__ import annotations
@@ -25,12 +27,26 @@ from edgequant.api import quantize_model
 from edgequant.config import AWQConfig, CalibConfig, QuantConfig
 from edgequant.data import evaluation_ids, get_source
 from edgequant.evaluate import perplexity
+from edgequant.gptq import GPTQConfig
 from edgequant.io import atomic_write_text
 from edgequant.zoo import load
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = {"smollm2-135m": ((4, 64), (3, 64)), "gemma3-270m": ((4, 128), (3, 128))}
+CONFIGS = {
+    "smollm2-135m": ((4, 64), (3, 64), (2, 64), (2, 32)),
+    "gemma3-270m": ((4, 128), (3, 128), (2, 128), (2, 32)),
+}
 TEXTS = ("austen", "pydocs")
+# label -> (method, AWQConfig, GPTQConfig)
+METHODS = {
+    "rtn": ("rtn", None, None),
+    "awq": ("awq", AWQConfig(), None),
+    "gptq": ("gptq", None, GPTQConfig()),
+    "gptq-act": ("gptq", None, GPTQConfig(act_order=True)),
+    "awq+gptq": ("awq+gptq", AWQConfig(), GPTQConfig()),
+    "awq-exact": ("awq", AWQConfig(search="exact"), None),
+}
+INT2 = ("rtn", "gptq", "awq", "awq+gptq")
 
 
 def key(r: dict) -> str:
@@ -65,24 +81,71 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
         save(path, results)
         print(f"{key(row)}: " + ", ".join(f"{t} {p['ppl']:.3f}" for t, p in ppl.items()))
 
-    if not args.exact_only:
+    if "fp" in args.methods:
         record(model, 16, -1, "fp", 0.0)
     for bits, group in CONFIGS[name]:
+        if bits not in args.bits:
+            continue
         q = QuantConfig(bits, group, zero_point=True)
-        methods = [("awq-exact", "awq", AWQConfig(search="exact"))] if bits == 3 else []
-        if not args.exact_only:
-            methods = [("rtn", "rtn", None), ("awq", "awq", AWQConfig())]
-        for label, method, acfg in methods:
+        for label in args.methods:
+            if label == "fp" or (label == "awq-exact" and bits != 3):
+                continue
+            method, acfg, gcfg = METHODS[label]
             model, tok = load(name)  # a fresh float model
             t0 = time.perf_counter()
-            quantize_model(model, tok, method, quant=q, awq=acfg, calib=calib)
+            quantize_model(model, tok, method, quant=q, awq=acfg, calib=calib, gptq=gcfg)
             record(model, bits, group, label, time.perf_counter() - t0)
 
 
+def ppl(row: dict | None, text: str) -> float | None:
+    return row["ppl"][text]["ppl"] if row else None
+
+
+def awq_checks(rows: dict, r: dict) -> list[tuple[str, bool]]:
+    """Issue #2: AWQ < RTN; at W3 AWQ closes half the RTN-FP gap; fast within 1% of exact."""
+    cfg, checks = f"W{r['bits']} g{r['group_size']} {r['model']}", []
+    fp = rows.get(f"{r['model']}|w16g-1|fp")
+    rtn = rows.get(key({**r, "method": "rtn"}))
+    exact = rows.get(key({**r, "method": "awq-exact"}))
+    for t in TEXTS:
+        a, b, f, e = ppl(r, t), ppl(rtn, t), ppl(fp, t), ppl(exact, t)
+        if b is not None:
+            checks.append((f"{cfg} {t}: AWQ {a:.3f} < RTN {b:.3f}", a < b))
+        if b is not None and f is not None and r["bits"] == 3:
+            closed = (b - a) / (b - f)
+            msg = f"{cfg} {t}: AWQ closes {closed:.0%} of the RTN-FP gap (>= 50%)"
+            checks.append((msg, closed >= 0.5))
+        if e is not None:
+            msg = f"{cfg} {t}: fast {a:.3f} vs exact {e:.3f} ({a / e - 1:+.2%}, within 1%)"
+            checks.append((msg, a / e - 1 <= 0.01))
+    return checks
+
+
+def int2_table(rows: dict) -> tuple[list[str], list[tuple[str, bool]]]:
+    """Issue #5: at W2, AWQ+GPTQ has the lowest perplexity of RTN / GPTQ / AWQ / AWQ+GPTQ."""
+    head = " | ".join(f"{m} {t}" for t in TEXTS for m in INT2)
+    out = [f"| model | config | {head} |", "|---|---|" + "---|" * (len(INT2) * len(TEXTS))]
+    checks = []
+    for r in sorted(rows.values(), key=lambda r: (r["model"], -r["group_size"])):
+        if r["bits"] != 2 or r["method"] != "awq+gptq":
+            continue
+        cfg = f"W2 g{r['group_size']}"
+        got = {m: rows.get(key({**r, "method": m})) for m in INT2}
+        cells = " | ".join(f"{ppl(got[m], t):.2f}" if got[m] else "-" for t in TEXTS for m in INT2)
+        out.append(f"| {r['model']} | {cfg} | {cells} |")
+        for t in TEXTS:
+            others = {m: ppl(got[m], t) for m in INT2 if m != "awq+gptq" and got[m]}
+            best = min(others, key=others.get) if others else None
+            ok = len(others) == len(INT2) - 1 and ppl(r, t) < others[best]
+            msg = f"{cfg} {r['model']} {t}: AWQ+GPTQ {ppl(r, t):.2f} lowest"
+            checks.append((msg + (f" (next: {best} {others[best]:.2f})" if best else ""), ok))
+    return out, checks
+
+
 def render(results: dict) -> str:
-    rows = results["rows"]
+    rows, order = results["rows"], ["fp", *METHODS]
     out = [
-        "# Quality: FP / RTN / AWQ perplexity",
+        "# Quality: FP / RTN / AWQ / GPTQ / AWQ+GPTQ perplexity",
         "",
         results.get("protocol", ""),
         "",
@@ -90,42 +153,18 @@ def render(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     checks = []
-    for r in sorted(rows.values(), key=lambda r: (r["model"], -r["bits"], r["method"])):
+    for r in sorted(
+        rows.values(),
+        key=lambda r: (r["model"], -r["bits"], -r["group_size"], order.index(r["method"])),
+    ):
         cfg = "fp" if r["method"] == "fp" else f"W{r['bits']} g{r['group_size']}"
-        cells = " | ".join(f"{r['ppl'][t]['ppl']:.3f}" for t in TEXTS)
+        cells = " | ".join(f"{ppl(r, t):.3f}" for t in TEXTS)
         out.append(f"| {r['model']} | {cfg} | {r['method']} | {cells} | {r['quant_seconds']} |")
-        if r["method"] != "awq":
-            continue
-        fp = rows.get(f"{r['model']}|w16g-1|fp")
-        rtn = rows.get(key({**r, "method": "rtn"}))
-        exact = rows.get(key({**r, "method": "awq-exact"}))
-        for t in TEXTS:
-            a = r["ppl"][t]["ppl"]
-            if rtn:
-                b = rtn["ppl"][t]["ppl"]
-                checks.append((f"{cfg} {r['model']} {t}: AWQ {a:.3f} < RTN {b:.3f}", a < b))
-                if fp and r["bits"] == 3:
-                    f = fp["ppl"][t]["ppl"]
-                    closed = (b - a) / (b - f)
-                    checks.append(
-                        (
-                            f"{cfg} {r['model']} {t}: AWQ closes {closed:.0%} of the "
-                            f"RTN-FP gap (>= 50%)",
-                            closed >= 0.5,
-                        )
-                    )
-            if exact:
-                e = exact["ppl"][t]["ppl"]
-                rel = a / e - 1
-                checks.append(
-                    (
-                        f"{cfg} {r['model']} {t}: fast {a:.3f} vs exact {e:.3f} "
-                        f"({rel:+.2%}, within 1%)",
-                        rel <= 0.01,
-                    )
-                )
-    out += ["", "## Checks", ""]
-    out += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
+        if r["method"] == "awq" and r["bits"] >= 3:
+            checks += awq_checks(rows, r)
+    table, int2_checks = int2_table(rows)
+    out += ["", "## INT2", "", *table, "", "## Checks", ""]
+    out += [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks + int2_checks]
     out += ["", f"Machine: {results.get('machine', '')}", ""]
     return "\n".join(out)
 
@@ -136,9 +175,16 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--methods", default="fp," + ",".join(m for m in METHODS if m != "awq-exact"))
+    p.add_argument("--bits", default="4,3,2", help="which of each model's configs to run")
     p.add_argument("--exact-only", action="store_true", help="only the exact-search W3 rows")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = p.parse_args()
+    args.methods = ["awq-exact"] if args.exact_only else args.methods.split(",")
+    args.bits = [3] if args.exact_only else [int(b) for b in args.bits.split(",")]
+    unknown = set(args.methods) - set(METHODS) - {"fp"}
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from fp, {', '.join(METHODS)}")
     results = load_results(args.out)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
