@@ -7,7 +7,7 @@ output the exact search compares.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -24,6 +24,31 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class DecodeSpec:
+    """What the lean decoder (edgequant.decoder) needs beyond the HF config's standard fields.
+
+    Module paths are relative to the model (embed, final_norm, rotary) or to a block.
+    """
+
+    embed: str = "model.embed_tokens"
+    embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size)
+    final_norm: str = "model.norm"
+    rotary: str = "model.rotary_emb"
+    rotary_takes_layer_type: bool = False  # rotary(x, positions, layer_type): per-type RoPE
+    qkv: tuple[str, str, str] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    o: str = "self_attn.o_proj"
+    gate_up: tuple[str, str] = ("mlp.gate_proj", "mlp.up_proj")
+    down: str = "mlp.down_proj"
+    attn_norm: str = "input_layernorm"
+    attn_post_norm: str | None = None  # applied to the attention output before the residual
+    mlp_norm: str = "post_attention_layernorm"
+    mlp_post_norm: str | None = None
+    qk_norm: tuple[str, str] | None = None  # per-head norms of q and k, before RoPE
+    act: str = "hidden_act"  # config field naming the MLP activation
+    attn_scale: str | None = None  # config field s, softmax scale s^-0.5 (default head_dim)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     name: str
     model_types: tuple[str, ...]
@@ -31,6 +56,7 @@ class ArchSpec:
     norm: str  # "rms" (x * w), "rms_one_plus" (x * (1 + w)) or "layernorm" (x * w + b)
     groups: tuple[ScaleGroup, ...]
     no_clip: tuple[str, ...]  # linears skipped by the clip search (q/k: softmax is sensitive)
+    decode: DecodeSpec | None = None  # None: no lean decoder, generation goes through HF
 
 
 def _attn_mlp(norm_attn: str, norm_mlp: str, attn: str, mlp: str) -> tuple[ScaleGroup, ...]:
@@ -46,11 +72,19 @@ def _attn_mlp(norm_attn: str, norm_mlp: str, attn: str, mlp: str) -> tuple[Scale
 
 LLAMA = ArchSpec(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    model_types=("llama", "mistral", "qwen2"),
     blocks="model.layers",
     norm="rms",
     groups=_attn_mlp("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"),
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+    decode=DecodeSpec(),
+)
+
+QWEN3 = replace(
+    LLAMA,
+    name="qwen3",
+    model_types=("qwen3",),
+    decode=DecodeSpec(qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
 )
 
 GEMMA3 = ArchSpec(
@@ -60,6 +94,16 @@ GEMMA3 = ArchSpec(
     norm="rms_one_plus",
     groups=_attn_mlp("input_layernorm", "pre_feedforward_layernorm", "self_attn", "mlp"),
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+    decode=DecodeSpec(
+        embed_scale=True,
+        rotary_takes_layer_type=True,
+        attn_post_norm="post_attention_layernorm",
+        mlp_norm="pre_feedforward_layernorm",
+        mlp_post_norm="post_feedforward_layernorm",
+        qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
+        act="hidden_activation",
+        attn_scale="query_pre_attn_scalar",
+    ),
 )
 
 OPT = ArchSpec(
@@ -81,7 +125,7 @@ OPT = ArchSpec(
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
-ARCHS = (LLAMA, GEMMA3, OPT)
+ARCHS = (LLAMA, QWEN3, GEMMA3, OPT)
 
 
 def supported_model_types() -> list[str]:

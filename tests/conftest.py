@@ -105,9 +105,10 @@ def llama(gqa: bool = True, layers: int = 2, seed: int = 0, hidden: int = 64) ->
     return _randomize_norms(LlamaForCausalLM(cfg).eval())
 
 
-def gemma3(layers: int = 2, seed: int = 0, hidden: int = 64) -> Gemma3ForCausalLM:
+def gemma3(layers: int = 2, seed: int = 0, hidden: int = 64, **extra) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
+        **extra,
         vocab_size=320,
         hidden_size=hidden,
         intermediate_size=2 * hidden,

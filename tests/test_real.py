@@ -54,3 +54,22 @@ def test_w3_awq_beats_rtn_on_smollm2(smollm2):
     assert fp < awq < rtn
     assert sum(r["awq_error"] for r in recipe.report) < sum(r["rtn_error"] for r in recipe.report)
     assert torch.isfinite(torch.tensor(awq))
+
+
+def test_fast_kernels_generate_what_the_reference_does():
+    """Greedy decoding of W4 SmolLM2: fused int4 kernels vs the dequantize-and-matmul oracle."""
+    from edgequant.checkpoint import finalize
+    from edgequant.decoder import Decoder
+    from edgequant.generate import SamplingConfig, generate
+    from edgequant.zoo import load
+
+    q = QuantConfig(4, 64)
+    model, tok = load("smollm2-135m")  # a private copy: finalize swaps its modules
+    apply_recipe(model, Recipe(quant=q))
+    finalize(model, q)
+    prompt = tok("It is a truth universally acknowledged, that")["input_ids"]
+    cfg = SamplingConfig(max_new_tokens=32)
+    runs = {
+        k: generate(Decoder(model, 128, kernel=k), prompt, cfg).tokens for k in ("cpu", "reference")
+    }
+    assert runs["cpu"] == runs["reference"] and len(runs["cpu"]) == 32

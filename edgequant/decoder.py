@@ -1,0 +1,217 @@
+"""A lean decoder for generation: fused projections, a preallocated KV cache, few ops per token.
+
+Built from a loaded HF model (float, or with QuantLinear modules from a packed checkpoint) and
+its architecture's DecodeSpec; the HF modules are only read, never called per token, except
+the rotary embedding, which fills a cos/sin table once. q/k/v and gate/up run as one fused
+linear each; quantized linears take the CPU kernels of edgequant.kernels.cpu (or the reference
+kernel, the oracle); the tied embedding/lm_head is stored once, per-row int8 by default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+
+from edgequant.arch import ArchSpec, arch_for, blocks_of
+from edgequant.errors import EdgequantError
+from edgequant.kernels import cpu
+from edgequant.modules import QuantLinear
+
+KERNELS = ("cpu", "reference")
+QUANT_BUFFERS = ("codes", "scale", "zero")
+HEADS = ("int8", "bf16")
+
+
+def fused_linear(mods: list[nn.Module], kernel: str, dtype: torch.dtype) -> nn.Module:
+    """One module computing the concatenated outputs of linears that share an input."""
+    bias = [m.bias for m in mods]
+    b = None
+    if any(x is not None for x in bias):
+        b = torch.cat(
+            [
+                torch.zeros(m.out_features) if x is None else x
+                for x, m in zip(bias, mods, strict=True)
+            ]
+        )
+    if all(isinstance(m, QuantLinear) for m in mods):
+        cfg = mods[0].cfg
+        if any(m.cfg != cfg for m in mods):
+            raise EdgequantError("fused linears must share one quantization config")
+        codes, scale, zero = (torch.cat([getattr(m, a) for m in mods]) for a in QUANT_BUFFERS)
+        if kernel == "cpu":
+            return cpu.fast_linear(codes, scale, zero, cfg, b)
+        return cpu.ReferenceLinear(codes, scale, zero, cfg, b)
+    if any(isinstance(m, QuantLinear) for m in mods):
+        raise EdgequantError("cannot fuse quantized and float linears")
+    return cpu.DenseLinear(torch.cat([m.weight.detach() for m in mods]), b, dtype)
+
+
+class Layer(nn.Module):
+    """One decoder block's weights, its KV cache and its attention window."""
+
+    def __init__(self, block, spec: ArchSpec, cfg, idx: int, kernel: str, dtype, max_seq: int):
+        super().__init__()
+        d = spec.decode
+        get = block.get_submodule
+        self.qkv = fused_linear([get(n) for n in d.qkv], kernel, dtype)
+        self.o = fused_linear([get(d.o)], kernel, dtype)
+        self.gate_up = fused_linear([get(n) for n in d.gate_up], kernel, dtype)
+        self.down = fused_linear([get(d.down)], kernel, dtype)
+        one_plus = spec.norm == "rms_one_plus"
+        norms = {"attn_norm": d.attn_norm, "attn_post_norm": d.attn_post_norm}
+        norms |= {"mlp_norm": d.mlp_norm, "mlp_post_norm": d.mlp_post_norm}
+        qk = d.qk_norm or (None, None)
+        norms |= {"q_norm": qk[0], "k_norm": qk[1]}
+        for attr, path in norms.items():
+            w = None if path is None else get(path).weight.detach().float()
+            self.register_buffer(attr, None if w is None else (1.0 + w if one_plus else w))
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        types = getattr(cfg, "layer_types", None)
+        self.layer_type = types[idx] if types else "full_attention"
+        window = getattr(cfg, "sliding_window", None)
+        self.window = window if self.layer_type == "sliding_attention" or not types else None
+        scalar = getattr(cfg, d.attn_scale) if d.attn_scale else self.head_dim
+        self.scale = scalar**-0.5
+        shape = (1, self.kv_heads, max_seq, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # x [..., D], w [D] float32 (already 1 + w for Gemma) -> [..., D] x.dtype
+    return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(x.dtype)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [1, H, T, hd], cos/sin [T, hd] -> [1, H, T, hd]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Vocab(nn.Module):
+    """Token embedding and output projection, one table when tied (per-row int8 or dense)."""
+
+    def __init__(self, emb: torch.Tensor, head: torch.Tensor | None, mode: str, dtype, scale):
+        super().__init__()
+        self.scale, self.tied = scale, head is None
+        w = emb if head is None else head
+        if mode == "int8" and dtype == torch.bfloat16:
+            self.head = cpu.Int8Linear.from_float(w)
+        else:
+            self.head = cpu.DenseLinear(w, None, dtype)
+        self.register_buffer("table", None if self.tied else emb.to(dtype))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids [1, T] -> [1, T, D] float32
+        if not self.tied:
+            x = F.embedding(ids, self.table).float()
+        elif isinstance(self.head, cpu.Int8Linear):
+            x = self.head.qweight[ids].float() * self.head.scale[ids].float().unsqueeze(-1)
+        else:
+            x = F.embedding(ids, self.head.weight).float()
+        return x * self.scale if self.scale != 1.0 else x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        # h [..., D] float32 -> [..., V] float32
+        return self.head(h)
+
+
+class Decoder(nn.Module):
+    """forward(ids [1, T], pos) appends T tokens at positions pos.. and returns the last logits.
+
+    `dtype` is what the linears and attention compute in and the KV cache holds (bf16 for the
+    fused kernels); the residual stream, norms, RoPE and logits stay float32.
+    """
+
+    def __init__(
+        self, model, max_seq: int, kernel: str = "cpu", dtype=torch.bfloat16, lm_head: str = "int8"
+    ):
+        super().__init__()
+        spec = arch_for(model)
+        if spec.decode is None:
+            raise EdgequantError(f"no lean decoder for {spec.name} models; use backend 'hf'")
+        if kernel not in KERNELS or lm_head not in HEADS:
+            raise EdgequantError(f"kernel must be one of {KERNELS}, lm_head one of {HEADS}")
+        cfg, d = model.config, spec.decode
+        self.config, self.dtype, self.eps = cfg, dtype, cfg.rms_norm_eps
+        self.max_seq = min(max_seq, cfg.max_position_embeddings)
+        self.act = ACT2FN[getattr(cfg, d.act)]
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.layers = nn.ModuleList(
+            Layer(b, spec, cfg, i, kernel, dtype, self.max_seq)
+            for i, b in enumerate(blocks_of(model, spec))
+        )
+        emb = model.get_submodule(d.embed).weight.detach()
+        out = model.get_output_embeddings()
+        head = None if out is None or out.weight.data_ptr() == emb.data_ptr() else out.weight
+        scale = math.sqrt(cfg.hidden_size) if d.embed_scale else 1.0
+        self.vocab = Vocab(emb, None if head is None else head.detach(), lm_head, dtype, scale)
+        w = model.get_submodule(d.final_norm).weight.detach().float()
+        self.register_buffer("final_norm", 1.0 + w if spec.norm == "rms_one_plus" else w)
+        self._rope_tables(model.get_submodule(d.rotary), d.rotary_takes_layer_type)
+
+    def _rope_tables(self, rotary: nn.Module, per_type: bool) -> None:
+        pos = torch.arange(self.max_seq).unsqueeze(0)
+        x = torch.zeros(1, dtype=torch.float32)
+        for t in sorted({layer.layer_type for layer in self.layers}):
+            cos, sin = rotary(x, pos, t) if per_type else rotary(x, pos)
+            self.register_buffer(f"cos_{t}", cos[0], persistent=False)
+            self.register_buffer(f"sin_{t}", sin[0], persistent=False)
+
+    def attention(self, layer: Layer, x: torch.Tensor, pos: int) -> torch.Tensor:
+        # x [1, T, D] normed -> attention output [1, T, D]; writes k/v at pos..pos+T-1
+        t, hd = x.shape[1], layer.head_dim
+        qkv = layer.qkv(x).view(1, t, -1, hd).transpose(1, 2)  # [1, H + 2 KV, T, hd]
+        q, k, v = qkv.split((layer.heads, layer.kv_heads, layer.kv_heads), dim=1)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, self.eps), rms_norm(k, layer.k_norm, self.eps)
+        cos = getattr(self, f"cos_{layer.layer_type}")[pos : pos + t]
+        sin = getattr(self, f"sin_{layer.layer_type}")[pos : pos + t]
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        end = pos + t
+        layer.k_cache[:, :, pos:end] = k
+        layer.v_cache[:, :, pos:end] = v
+        start = 0 if layer.window is None else max(0, end - layer.window - t + 1)
+        keys, values = layer.k_cache[:, :, start:end], layer.v_cache[:, :, start:end]
+        mask = None
+        if t > 1:
+            qi = torch.arange(pos, end).unsqueeze(1)
+            ki = torch.arange(start, end).unsqueeze(0)
+            mask = ki <= qi
+            if layer.window is not None:
+                mask &= ki > qi - layer.window
+        o = F.scaled_dot_product_attention(
+            q.to(keys.dtype), keys, values, attn_mask=mask, scale=layer.scale, enable_gqa=True
+        )
+        return layer.o(o.transpose(1, 2).reshape(1, t, -1).float())
+
+    def block(self, layer: Layer, x: torch.Tensor, pos: int) -> torch.Tensor:
+        # x [1, T, D] residual stream -> [1, T, D]
+        h = self.attention(layer, rms_norm(x, layer.attn_norm, self.eps), pos)
+        if layer.attn_post_norm is not None:
+            h = rms_norm(h, layer.attn_post_norm, self.eps)
+        x = x + h
+        gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).chunk(2, dim=-1)
+        h = layer.down(self.act(gate) * up)
+        if layer.mlp_post_norm is not None:
+            h = rms_norm(h, layer.mlp_post_norm, self.eps)
+        return x + h
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, pos: int, all_logits: bool = False) -> torch.Tensor:
+        # ids [1, T] at positions pos..pos+T-1 -> logits [V] of the last one ([T, V] if all)
+        if pos + ids.shape[1] > self.max_seq:
+            raise EdgequantError(f"sequence longer than the cache ({self.max_seq} tokens)")
+        x = self.vocab.embed(ids)
+        for layer in self.layers:
+            x = self.block(layer, x, pos)
+        h = x[0] if all_logits else x[0, -1]
+        logits = self.vocab.logits(rms_norm(h, self.final_norm, self.eps))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits

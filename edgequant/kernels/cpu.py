@@ -1,0 +1,171 @@
+"""Fused low-bit CPU kernels for weight-only quantized linears (W4A16, W8A16).
+
+Decode (few rows) runs torch's fused int4 CPU op, which reads the 4-bit weights directly:
+`_weight_int4pack_mm_for_cpu(x bf16 [M, K], packed [N, K/2], group, sz [K/g, N, 2])`
+computes x @ ((q - 8) * s + zf)^T, so a zero point z becomes zf = (8 - z) * s, rounded to bf16.
+INT2/INT3 checkpoints run on the same op at the same speed, their codes stored as q - z + 8
+(which fits 4 bits) so that zf is exactly 0.
+Prefill (many rows) unpacks the same bytes to a bf16 weight once per call and runs a dense
+bf16 matmul, which beats the fused op from about 16 rows up on this CPU (benchmarks/speed.py).
+
+Per-channel 8-bit weights (the tied lm_head, W8 g-1 checkpoints) run `_weight_int8pack_mm`.
+Anything else (other group sizes, N not a multiple of 64) keeps the reference kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgequant.config import QuantConfig
+from edgequant.kernels import reference
+
+PREFILL_ROWS = 16  # from this many rows on, dequantize to bf16 and use a dense matmul
+INT4_GROUPS = (256, 128, 64, 32)  # group sizes the fused op accepts
+BLOCK_N = 64  # the op's packed layout: [N / 64, K, 32] bytes, column n + 32 in the high nibble
+
+
+def int4_group(cfg: QuantConfig, in_features: int) -> int | None:
+    """The op's group size for this config (a larger group repeats its scale), or None."""
+    g = cfg.group_len(in_features)
+    if cfg.bits > 4:
+        return None
+    return next((k for k in INT4_GROUPS if g % k == 0), None)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    # codes [N, K] uint8 in 0..15 -> packed [N, K/2] uint8 in the op's layout
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    # packed [N, K/2] uint8 -> codes [N, K] uint8
+    n, k = packed.shape[0], packed.shape[1] * 2
+    p = packed.view(n // BLOCK_N, k, BLOCK_N // 2)
+    both = torch.stack((p & 15, p >> 4), dim=1)  # [N/64, 2, K, 32]
+    return both.transpose(2, 3).reshape(n, k)
+
+
+def int4_scales_zeros(
+    scale: torch.Tensor, zero: torch.Tensor, group: int, kernel_group: int
+) -> torch.Tensor:
+    # scale/zero [N, K/group] -> [K/kernel_group, N, 2] bf16 (scale, zf = (8 - zero) * scale)
+    rep = group // kernel_group
+    s = scale.float().repeat_interleave(rep, dim=1)
+    z = zero.float().repeat_interleave(rep, dim=1)
+    return torch.stack((s, (8.0 - z) * s), dim=-1).transpose(0, 1).contiguous().bfloat16()
+
+
+class Int4Linear(nn.Module):
+    """Weights as 4-bit codes in the fused op's layout; bf16 activations inside."""
+
+    def __init__(self, packed: torch.Tensor, sz: torch.Tensor, group: int, bias=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group = (
+            packed.shape[1] * 2,
+            packed.shape[0],
+            group,
+        )
+        self.register_buffer("packed", packed)
+        self.register_buffer("sz", sz)
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    @classmethod
+    def from_codes(cls, codes, scale, zero, cfg: QuantConfig, bias=None) -> Int4Linear:
+        # codes [N, K] uint8, scale/zero [N, ng], bias [N] or None
+        n, k = codes.shape
+        group = int4_group(cfg, k)
+        if group is None or n % BLOCK_N:
+            raise ValueError(f"int4 kernel cannot take w{cfg.bits} g{cfg.group_size} [{n}, {k}]")
+        g = cfg.group_len(k)
+        if cfg.bits <= 3:  # q - z + 8 fits 4 bits: the zero moves into the codes, zf = 0 exactly
+            z = zero.repeat_interleave(g, dim=1)
+            codes, zero = (codes.float() - z + 8).to(torch.uint8), torch.full_like(zero, 8.0)
+        packed = pack_int4(codes)
+        if not torch.equal(unpack_int4(packed), codes):  # the layout is torch's, not ours
+            raise RuntimeError("torch's int4 CPU packing changed layout; cannot unpack it")
+        sz = int4_scales_zeros(scale, zero, g, group)
+        return cls(packed, sz, group, bias)
+
+    def dequantized(self) -> torch.Tensor:
+        # -> w [N, K] bf16, the weight the fused op computes with
+        q = unpack_int4(self.packed).view(self.out_features, -1, self.group)
+        sz = self.sz.transpose(0, 1).unsqueeze(-2)  # [N, K/g, 1, 2]
+        w = (q.to(torch.bfloat16) - 8) * sz[..., 0] + sz[..., 1]
+        return w.view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N] in x.dtype
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if x2.shape[0] < PREFILL_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.sz)
+        else:
+            y = F.linear(x2, self.dequantized())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Linear(nn.Module):
+    """Per-output-channel symmetric int8 weights: w = q * scale, q in -127..127."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.bfloat16())
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bias=None) -> Int8Linear:
+        # w [N, K] float -> per-row absmax int8 (the lm_head's near-lossless compression)
+        scale = w.float().abs().amax(dim=1).clamp(min=1e-8) / 127
+        q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N] in x.dtype
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class ReferenceLinear(nn.Module):
+    """The slower path for layouts no fused op takes: dequantize per call, matmul in x.dtype."""
+
+    def __init__(self, codes, scale, zero, cfg: QuantConfig, bias=None):
+        super().__init__()
+        self.cfg, self.out_features, self.in_features = cfg, *codes.shape
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N] in x.dtype
+        return reference.linear(x, self.codes, self.scale, self.zero, self.cfg, self.bias)
+
+
+class DenseLinear(nn.Module):
+    """A float weight stored in `dtype`; inputs are cast to it and outputs back."""
+
+    def __init__(self, weight: torch.Tensor, bias=None, dtype=torch.bfloat16):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.to(dtype))
+        self.register_buffer("bias", None if bias is None else bias.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N] in x.dtype
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def fast_linear(codes, scale, zero, cfg: QuantConfig, bias=None) -> nn.Module:
+    """The fastest kernel module that takes these codes exactly."""
+    n, k = codes.shape
+    if int4_group(cfg, k) is not None and n % BLOCK_N == 0:
+        return Int4Linear.from_codes(codes, scale, zero, cfg, bias)
+    return ReferenceLinear(codes, scale, zero, cfg, bias)
