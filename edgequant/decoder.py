@@ -96,12 +96,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 class Vocab(nn.Module):
     """Token embedding and output projection, one table when tied (per-row int8 or dense)."""
 
-    def __init__(self, emb: torch.Tensor, head: torch.Tensor | None, mode: str, dtype, scale):
+    def __init__(self, emb, head, mode: str, dtype, scale: float, exact: bool = False):
         super().__init__()
         self.scale, self.tied = scale, head is None
         w = emb if head is None else head
-        if mode == "int8" and dtype == torch.bfloat16:
+        if mode == "int8":
             self.head = cpu.Int8Linear.from_float(w)
+            if exact:  # the same int8 table, dequantized: float32 math for the reference path
+                q = self.head
+                self.head = cpu.DenseLinear(
+                    q.qweight.float() * q.scale.float()[:, None], None, dtype
+                )
         else:
             self.head = cpu.DenseLinear(w, None, dtype)
         self.register_buffer("table", None if self.tied else emb.to(dtype))
@@ -150,10 +155,12 @@ class Decoder(nn.Module):
         out = model.get_output_embeddings()
         head = None if out is None or out.weight.data_ptr() == emb.data_ptr() else out.weight
         scale = math.sqrt(cfg.hidden_size) if d.embed_scale else 1.0
-        self.vocab = Vocab(emb, None if head is None else head.detach(), lm_head, dtype, scale)
+        head = None if head is None else head.detach()
+        self.vocab = Vocab(emb, head, lm_head, dtype, scale, exact=kernel == "reference")
         w = model.get_submodule(d.final_norm).weight.detach().float()
         self.register_buffer("final_norm", 1.0 + w if spec.norm == "rms_one_plus" else w)
         self._rope_tables(model.get_submodule(d.rotary), d.rotary_takes_layer_type)
+        self.engine = build_engine(self) if kernel == "cpu" else None
 
     def _rope_tables(self, rotary: nn.Module, per_type: bool) -> None:
         pos = torch.arange(self.max_seq).unsqueeze(0)
@@ -185,10 +192,10 @@ class Decoder(nn.Module):
             mask = ki <= qi
             if layer.window is not None:
                 mask &= ki > qi - layer.window
-        o = F.scaled_dot_product_attention(
-            q.to(keys.dtype), keys, values, attn_mask=mask, scale=layer.scale, enable_gqa=True
+        o = F.scaled_dot_product_attention(  # float32, as the C++ engine computes it
+            q, keys.float(), values.float(), attn_mask=mask, scale=layer.scale, enable_gqa=True
         )
-        return layer.o(o.transpose(1, 2).reshape(1, t, -1).float())
+        return layer.o(o.transpose(1, 2).reshape(1, t, -1))
 
     def block(self, layer: Layer, x: torch.Tensor, pos: int) -> torch.Tensor:
         # x [1, T, D] residual stream -> [1, T, D]
@@ -207,6 +214,8 @@ class Decoder(nn.Module):
         # ids [1, T] at positions pos..pos+T-1 -> logits [V] of the last one ([T, V] if all)
         if pos + ids.shape[1] > self.max_seq:
             raise EdgequantError(f"sequence longer than the cache ({self.max_seq} tokens)")
+        if self.engine is not None and ids.shape[1] == 1 and not all_logits:
+            return self.engine.step(int(ids[0, 0]), pos)
         x = self.vocab.embed(ids)
         for layer in self.layers:
             x = self.block(layer, x, pos)
@@ -215,3 +224,48 @@ class Decoder(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def build_engine(dec: Decoder):
+    """The C++ one-call-per-token engine over the decoder's own tensors, or None."""
+    from edgequant.kernels import engine
+
+    head = dec.vocab.head
+    linears = [m for layer in dec.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    ok = all(isinstance(m, cpu.Int4Linear) for m in linears) and dec.vocab.tied
+    act = getattr(dec.config, "hidden_act", None) or getattr(dec.config, "hidden_activation", "")
+    ok = ok and isinstance(head, cpu.Int8Linear) and head.in_features % 16 == 0
+    ok = ok and all(layer.head_dim % 16 == 0 for layer in dec.layers)
+    if not ok or head.out_features % 4 or act not in ("silu", "gelu_pytorch_tanh"):
+        return None
+    ext = engine.load()
+    if ext is None:
+        return None
+    eng = ext.Engine(
+        head.qweight,
+        head.scale.float(),
+        dec.final_norm,
+        dec.eps,
+        dec.vocab.scale,
+        dec.softcap or 0.0,
+        act != "silu",
+    )
+    for layer in dec.layers:
+        lins = (layer.qkv, layer.o, layer.gate_up, layer.down)
+        norms = [layer.attn_norm, layer.attn_post_norm, layer.mlp_norm, layer.mlp_post_norm]
+        eng.add_layer(
+            [t for m in lins for t in (m.packed, m.sz)],
+            [m.group for m in lins],
+            [m.bias for m in lins],
+            [*norms, layer.q_norm, layer.k_norm],
+            layer.k_cache,
+            layer.v_cache,
+            getattr(dec, f"cos_{layer.layer_type}"),
+            getattr(dec, f"sin_{layer.layer_type}"),
+            layer.heads,
+            layer.kv_heads,
+            layer.head_dim,
+            layer.window or -1,
+            layer.scale,
+        )
+    return eng

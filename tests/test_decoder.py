@@ -10,6 +10,7 @@ from edgequant.config import QuantConfig
 from edgequant.decoder import Decoder
 from edgequant.errors import EdgequantError
 from edgequant.generate import Chat, SamplingConfig, generate, sample
+from edgequant.kernels import engine
 from edgequant.recipe import Recipe, apply_recipe
 
 
@@ -24,6 +25,7 @@ def qwen3():
         num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=256,
+        tie_word_embeddings=True,
     )
     return Qwen3ForCausalLM(cfg).eval()
 
@@ -116,3 +118,25 @@ def test_chat_turns_reuse_the_cache(tokenizer):
     fresh.messages = chat.messages[:3]
     again = generate(fresh.decoder, fresh.prompt_ids(), cfg, fresh.stop)
     assert again.tokens == second.tokens
+
+
+@pytest.mark.skipif(not engine.cpu_supported(), reason="the C++ engine needs AVX512-BF16")
+@pytest.mark.parametrize("arch", MODELS)
+def test_cpp_engine_is_as_close_to_exact_as_the_torch_kernels(arch):
+    """Decode steps of the C++ engine and of the torch kernels, against float32 reference math."""
+    model = quantized(lambda: MODELS[arch]())
+    ids = torch.randint(0, 320, (1, 40))  # 20 decode steps pass gemma3's window of 16
+    with_engine, torch_only = Decoder(model, 64), Decoder(model, 64)
+    exact = Decoder(model, 64, kernel="reference", dtype=torch.float32, lm_head="bf16")
+    assert with_engine.engine is not None
+    torch_only.engine = None
+    decoders = (with_engine, torch_only, exact)
+    for dec in decoders:
+        dec(ids[:, :20], 0)
+    errs = []
+    for t in range(20, 40):
+        a, b, ref = (dec(ids[:, t : t + 1], t) for dec in decoders)
+        errs.append([((x - ref).norm() / ref.norm()).item() for x in (a, b)])
+    errs = torch.tensor(errs)  # [steps, (engine, torch)]
+    assert errs[:, 0].max() < 3e-2  # bf16 activations, bf16 scales, int8 lm_head
+    assert errs[:, 0].mean() <= 1.1 * errs[:, 1].mean()

@@ -50,25 +50,27 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 def int4_scales_zeros(
     scale: torch.Tensor, zero: torch.Tensor, group: int, kernel_group: int
 ) -> torch.Tensor:
-    # scale/zero [N, K/group] -> [K/kernel_group, N, 2] bf16 (scale, zf = (8 - zero) * scale)
+    # scale/zero [N, K/group] -> [K/kernel_group, N, 2] float32 (scale, zf = (8 - zero) * scale)
     rep = group // kernel_group
     s = scale.float().repeat_interleave(rep, dim=1)
     z = zero.float().repeat_interleave(rep, dim=1)
-    return torch.stack((s, (8.0 - z) * s), dim=-1).transpose(0, 1).contiguous().bfloat16()
+    return torch.stack((s, (8.0 - z) * s), dim=-1).transpose(0, 1).contiguous()
 
 
 class Int4Linear(nn.Module):
-    """Weights as 4-bit codes in the fused op's layout; bf16 activations inside."""
+    """Weights as 4-bit codes in the fused op's layout; bf16 activations inside.
+
+    sz holds the exact float32 (scale, zf) pairs, which the C++ engine reads; torch's op and
+    the prefill path use their bf16 rounding, sz_bf16.
+    """
 
     def __init__(self, packed: torch.Tensor, sz: torch.Tensor, group: int, bias=None):
         super().__init__()
-        self.in_features, self.out_features, self.group = (
-            packed.shape[1] * 2,
-            packed.shape[0],
-            group,
-        )
+        self.in_features, self.out_features = packed.shape[1] * 2, packed.shape[0]
+        self.group = group
         self.register_buffer("packed", packed)
-        self.register_buffer("sz", sz)
+        self.register_buffer("sz", sz.float())
+        self.register_buffer("sz_bf16", sz.bfloat16(), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
 
     @classmethod
@@ -91,7 +93,7 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         # -> w [N, K] bf16, the weight the fused op computes with
         q = unpack_int4(self.packed).view(self.out_features, -1, self.group)
-        sz = self.sz.transpose(0, 1).unsqueeze(-2)  # [N, K/g, 1, 2]
+        sz = self.sz_bf16.transpose(0, 1).unsqueeze(-2)  # [N, K/g, 1, 2]
         w = (q.to(torch.bfloat16) - 8) * sz[..., 0] + sz[..., 1]
         return w.view(self.out_features, self.in_features)
 
@@ -99,7 +101,9 @@ class Int4Linear(nn.Module):
         # x [..., K] -> [..., N] in x.dtype
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if x2.shape[0] < PREFILL_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.packed, self.group, self.sz_bf16
+            )
         else:
             y = F.linear(x2, self.dequantized())
         if self.bias is not None:
