@@ -268,4 +268,6 @@ def build_engine(dec: Decoder):
             layer.window or -1,
             layer.scale,
         )
+        for m in lins:  # the engine holds its own float32 copy; Python keeps sz_bf16
+            m.sz = None
     return eng
