@@ -23,15 +23,11 @@ import sys
 import time
 from pathlib import Path
 
+from edgequant.bench import peak_rss_mb
+
 RESULTS = Path(__file__).parent / "results"
 GROUPS = {"smollm2-135m": 64, "gemma3-270m": 128}
 PROMPT, NEW = 512, 128
-
-
-def peak_rss_mb(reset: bool = False) -> float:
-    from edgequant.bench import peak_rss_mb as peak
-
-    return peak(reset)
 
 
 def worker_hf(model: str, dtype: str, runs: int) -> dict:

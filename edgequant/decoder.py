@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from edgequant.arch import ArchSpec, arch_for, blocks_of
+from edgequant.arch import ARCHS, ArchSpec, arch_for, blocks_of
 from edgequant.errors import EdgequantError
 from edgequant.kernels import cpu
 from edgequant.modules import QuantLinear
@@ -139,7 +139,11 @@ class Decoder(nn.Module):
         super().__init__()
         spec = arch_for(model)
         if spec.decode is None:
-            raise EdgequantError(f"no lean decoder for {spec.name} models; use backend 'hf'")
+            raise EdgequantError(
+                f"no lean decoder for {spec.name} models (generation supports: "
+                + ", ".join(a.name for a in ARCHS if a.decode)
+                + ")"
+            )
         if kernel not in KERNELS or lm_head not in HEADS:
             raise EdgequantError(f"kernel must be one of {KERNELS}, lm_head one of {HEADS}")
         cfg, d = model.config, spec.decode
