@@ -21,6 +21,7 @@ class ScaleGroup:
     prev: str  # module (relative to the block) whose output is the group's input
     linears: tuple[str, ...]
     inspect: str  # module whose output the exact loss compares
+    heads: str | None = None  # attention module whose head_dim lays out a GQA v -> o fold
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def _attn_mlp(norm_attn: str, norm_mlp: str, attn: str, mlp: str) -> tuple[Scale
         ScaleGroup(
             "attn_in", norm_attn, (f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"), attn
         ),
-        ScaleGroup("attn_out", f"{attn}.v_proj", (f"{attn}.o_proj",), f"{attn}.o_proj"),
+        ScaleGroup("attn_out", f"{attn}.v_proj", (f"{attn}.o_proj",), f"{attn}.o_proj", attn),
         ScaleGroup("mlp_in", norm_mlp, (f"{mlp}.gate_proj", f"{mlp}.up_proj"), mlp),
         ScaleGroup("mlp_out", f"{mlp}.up_proj", (f"{mlp}.down_proj",), f"{mlp}.down_proj"),
     )
@@ -153,15 +154,24 @@ def blocks_of(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     return model.get_submodule(spec.blocks)
 
 
-def can_fold(block: nn.Module, group: ScaleGroup) -> bool:
-    """A scale folds only where the prev op produces exactly the group's input.
+def fold_index(block: nn.Module, group: ScaleGroup) -> torch.Tensor | None:
+    """For each input channel of the group, the output channel of `prev` it comes from.
 
-    With grouped-query attention v_proj is narrower than o_proj's input: attn_out then keeps
-    s = 1 (its linear is still clipped and quantized).
+    Identity where prev produces the group's input as is. Under grouped-query attention
+    v_proj is narrower than o_proj's input: each key/value head of head_dim channels feeds
+    n_rep consecutive query heads, so one scale per v_proj channel repeats n_rep times on
+    o_proj's input. None where the widths fit neither way (the group then keeps s = 1).
     """
     prev = block.get_submodule(group.prev)
-    first = block.get_submodule(group.linears[0])
-    return not isinstance(prev, nn.Linear) or prev.out_features == first.in_features
+    c_in = block.get_submodule(group.linears[0]).in_features
+    if not isinstance(prev, nn.Linear) or prev.out_features == c_in:
+        return torch.arange(c_in)
+    c_prev = prev.out_features
+    hd = getattr(block.get_submodule(group.heads), "head_dim", None) if group.heads else None
+    if not hd or c_prev % hd or c_in % c_prev:
+        return None
+    kv, rep = c_prev // hd, c_in // c_prev
+    return torch.arange(c_prev).view(kv, 1, hd).expand(kv, rep, hd).reshape(-1)
 
 
 @torch.no_grad()

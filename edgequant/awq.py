@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edgequant.arch import ArchSpec, ScaleGroup, arch_for, can_fold
+from edgequant.arch import ArchSpec, ScaleGroup, arch_for, fold_index
 from edgequant.calibrate import bf16_linears, check_finite, run_layerwise
 from edgequant.config import AWQConfig, QuantConfig
 from edgequant.primitives import fake_quantize, group_minmax
@@ -55,15 +55,22 @@ def scaled_error(
     return gram_error(fake_quantize(w * s, cfg)[0] / s - w, gram, n)
 
 
+def pool_channels(v: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+    # v [C] per input channel, idx [C] its source channel in 0..n-1 -> [n] mean per source
+    total = torch.zeros(n, dtype=v.dtype).index_add_(0, idx, v)
+    return total / torch.bincount(idx, minlength=n).clamp(min=1).to(v.dtype)
+
+
 def search_scale(
     x_mean: torch.Tensor,
-    weights: list[torch.Tensor],
+    w_mean: torch.Tensor | None,
     loss: Callable[[torch.Tensor], float],
-    qcfg: QuantConfig,
     acfg: AWQConfig,
 ) -> tuple[torch.Tensor | None, float]:
-    """Grid over alpha = i / n_grid; returns (best s or None if no finite loss, best loss)."""
-    w_mean = weight_mean(torch.cat(weights), qcfg) if acfg.duo_scaling else None
+    """Grid over alpha = i / n_grid; returns (best s or None if no finite loss, best loss).
+
+    x_mean, w_mean [C] (w_mean None: no duo scaling); loss takes a candidate s [C].
+    """
     best, best_loss = None, math.inf
     for i in range(acfg.n_grid):
         s = candidate_scale(x_mean, w_mean, i / acfg.n_grid)
@@ -150,6 +157,7 @@ class AWQSearch:
         return loss
 
     def _scale_loss(self, block, group, xs, w_cat, gram, n, call) -> Callable:
+        # returns loss(s [C]) over the group's input channels
         """The search objective for one group: fast (sampled Gram) or the paper's exact loss."""
         if self.acfg.search == "fast":
             return lambda s: scaled_error(w_cat, s, self.qcfg, gram, n)
@@ -172,6 +180,28 @@ class AWQSearch:
                     clips[name] = self.recipe.clips[f"{i}.{name}"] = b
         return clips
 
+    def _search(
+        self, key: str, loss: Callable, x_mean: torch.Tensor, w_cat: torch.Tensor, idx
+    ) -> torch.Tensor | None:
+        """Grid-search s [C_prev] (one entry per prev output channel); None on fallback.
+
+        loss takes s over the group's C input channels; idx [C] maps them to prev's channels.
+        """
+        n_prev = int(idx.max()) + 1
+        w_mean = weight_mean(w_cat, self.qcfg) if self.acfg.duo_scaling else None
+        s, _ = search_scale(
+            pool_channels(x_mean, idx, n_prev),
+            None if w_mean is None else pool_channels(w_mean, idx, n_prev),
+            lambda sp: loss(sp[idx]),
+            self.acfg,
+        )
+        if s is None:
+            self.recipe.fallbacks.append(key)
+            tqdm.write(f"block {key}: no finite loss, identity scale used")
+        else:
+            self.recipe.scales[key] = s
+        return s
+
     def _on_group(self, i: int, block: nn.Module, group: ScaleGroup, xs: list, call):
         """Search one group on its input chunks xs [B, T, C]; leaves effective weights in place.
 
@@ -186,16 +216,11 @@ class AWQSearch:
         w_cat = torch.cat([lin.weight.detach().float() for lin in lins])
         xg = self._sample(xs, self.acfg.gram_tokens)
         gram, n = xg.T @ xg, xg.shape[0]
-        s = None
-        if can_fold(block, group):
+        s, idx = None, fold_index(block, group)
+        if idx is not None:
             loss = self._scale_loss(block, group, xs, w_cat, gram, n, call)
-            s, _ = search_scale(x_mean, [w_cat], loss, qcfg, self.acfg)
-            if s is None:
-                self.recipe.fallbacks.append(f"{i}.{group.name}")
-                tqdm.write(f"block {i} {group.name}: no finite loss, identity scale used")
-            else:
-                self.recipe.scales[f"{i}.{group.name}"] = s
-        sv = torch.ones(c) if s is None else s
+            s = self._search(f"{i}.{group.name}", loss, x_mean, w_cat, idx)
+        sv = torch.ones(c) if s is None else s[idx]
         clips = self._clips(i, group, lins, xs, sv)
         for name, lin in zip(group.linears, lins, strict=True):
             lo, hi = clips.get(name, (None, None))

@@ -30,7 +30,8 @@ def _add_quantize(sub) -> None:
         "--search",
         choices=("fast", "exact"),
         default="fast",
-        help="fast: second-order per-linear loss; exact: paper loss on all tokens",
+        help="AWQ fast: second-order per-linear loss, bf16 matmuls; exact: paper loss on all "
+        "tokens in float32. GPTQ fast: bf16 block forwards and X^T X; exact: float32",
     )
     p.add_argument("--duo-scaling", action="store_true", help="s = x^a / w^(1-a) (peers' default)")
     p.add_argument("--no-clip", dest="clip", action="store_false")
@@ -235,7 +236,8 @@ def cmd_quantize(a) -> dict:
     t0 = time.perf_counter()
     from edgequant.gptq import GPTQConfig
 
-    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order)
+    fast = a.search == "fast"
+    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, bf16_matmul=fast, bf16_hessian=fast)
     model, tok, recipe = quantize(
         a.model, a.method, quant=qcfg, awq=acfg, calib=ccfg, load_search=a.load_search, gptq=gcfg
     )

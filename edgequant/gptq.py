@@ -1,6 +1,7 @@
 """GPTQ (Frantar et al., 2023): error-compensating rounding with the inverse Hessian.
 
-Per linear, H = 2 X^T X / N from the captured inputs (float32). Columns are quantized in
+Per linear, H = 2 X^T X / N from the captured inputs (bf16 products per chunk summed in
+float32 by default; `bf16_hessian=False` for float32 throughout). Columns are quantized in
 order (or by decreasing diag(H) with act_order), each column's rounding error spread over
 the columns still to come through the Cholesky factor of H^-1, in lazy blocks of
 `block_size` columns. The quantizer is the one RTN and AWQ use (bits, group size, zero
@@ -32,7 +33,8 @@ class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     act_order: bool = False
-    bf16_matmul: bool = True  # block forwards only; H and the solve stay float32
+    bf16_matmul: bool = True  # block forwards as bf16 matmuls, float32 accumulation
+    bf16_hessian: bool = True  # X^T X per chunk in bf16 (2x faster), summed in float32
 
 
 @dataclass
@@ -122,8 +124,8 @@ def _process(model: nn.Module, cfg: QuantConfig, gcfg: GPTQConfig, result: GPTQR
             count = 0
             for x in xs:
                 check_finite(x, f"block {i} {group.name} input")
-                f = x.reshape(-1, c).float()
-                h += f.T @ f
+                f = x.reshape(-1, c).to(torch.bfloat16 if gcfg.bf16_hessian else torch.float32)
+                h += (f.T @ f).float()
                 count += f.shape[0]
             h *= 2.0 / count
             for name in group.linears:

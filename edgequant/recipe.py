@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from edgequant.arch import ArchSpec, ScaleGroup, arch_for, blocks_of, can_fold, fold_into_prev
+from edgequant.arch import ArchSpec, ScaleGroup, arch_for, blocks_of, fold_index, fold_into_prev
 from edgequant.config import AWQConfig, QuantConfig
 from edgequant.errors import EdgequantError
 from edgequant.io import atomic_path
@@ -31,7 +31,7 @@ class Recipe:
     method: str = "rtn"
     awq: AWQConfig | None = None
     model_type: str = ""
-    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # "i.group" -> s [C]
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # "i.group" -> s [C_prev]
     clips: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # "i.linear" -> (lo, hi) [out, n_groups]
     fallbacks: list[str] = field(default_factory=list)
@@ -105,11 +105,15 @@ def apply_group(
 ) -> None:
     """Fold s into the prev op, scale the group's weights by s, clip and fake-quantize them.
 
+    s [C_prev] has one entry per output channel of the prev op; the group's input channels
+    take s[fold_index] (a GQA v -> o fold repeats it per query head).
+
     With quantize=False the weights are only scaled and clamped to the clip bounds (the float
     model another quantizer, e.g. GPTQ, starts from).
     """
     if s is not None:
         fold_into_prev(block.get_submodule(group.prev), s, spec.norm)
+        s = s[fold_index(block, group)]
     for name in group.linears:
         lin = block.get_submodule(name)
         w = lin.weight.float()
@@ -137,7 +141,7 @@ def apply_recipe(model: nn.Module, recipe: Recipe, quantize: bool = True) -> Non
     for i, block in enumerate(blocks_of(model, spec)):
         for g in spec.groups:
             s = recipe.scales.get(f"{i}.{g.name}")
-            if s is not None and not can_fold(block, g):
+            if s is not None and fold_index(block, g) is None:
                 raise EdgequantError(
                     f"recipe has a scale for block {i} {g.name}, which cannot fold"
                 )

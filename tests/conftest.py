@@ -105,7 +105,9 @@ def llama(gqa: bool = True, layers: int = 2, seed: int = 0, hidden: int = 64) ->
     return _randomize_norms(LlamaForCausalLM(cfg).eval())
 
 
-def gemma3(layers: int = 2, seed: int = 0, hidden: int = 64, **extra) -> Gemma3ForCausalLM:
+def gemma3(
+    layers: int = 2, seed: int = 0, hidden: int = 64, kv_heads: int = 4, head_dim: int = 0, **extra
+) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
         **extra,
@@ -114,8 +116,8 @@ def gemma3(layers: int = 2, seed: int = 0, hidden: int = 64, **extra) -> Gemma3F
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=hidden // 4,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim or hidden // 4,
         max_position_embeddings=256,
         sliding_window=16,
     )
