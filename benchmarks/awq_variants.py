@@ -24,6 +24,7 @@ from edgequant.zoo import load
 VARIANTS = {
     "default": AWQConfig(),
     "duo": AWQConfig(duo_scaling=True),
+    "gqa": AWQConfig(gqa_fold=True),
     "sym": AWQConfig(clip_form="sym"),
     "noclip": AWQConfig(clip=False),
     "gram32k": AWQConfig(gram_tokens=32768),

@@ -154,20 +154,22 @@ def blocks_of(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     return model.get_submodule(spec.blocks)
 
 
-def fold_index(block: nn.Module, group: ScaleGroup) -> torch.Tensor | None:
+def fold_index(block: nn.Module, group: ScaleGroup, gqa: bool = True) -> torch.Tensor | None:
     """For each input channel of the group, the output channel of `prev` it comes from.
 
     Identity where prev produces the group's input as is. Under grouped-query attention
     v_proj is narrower than o_proj's input: each key/value head of head_dim channels feeds
     n_rep consecutive query heads, so one scale per v_proj channel repeats n_rep times on
-    o_proj's input. None where the widths fit neither way (the group then keeps s = 1).
+    o_proj's input (gqa=False declines that fold). None where the widths fit neither way or
+    the fold is declined (the group then keeps s = 1).
     """
     prev = block.get_submodule(group.prev)
     c_in = block.get_submodule(group.linears[0]).in_features
     if not isinstance(prev, nn.Linear) or prev.out_features == c_in:
         return torch.arange(c_in)
     c_prev = prev.out_features
-    hd = getattr(block.get_submodule(group.heads), "head_dim", None) if group.heads else None
+    heads = block.get_submodule(group.heads) if gqa and group.heads else None
+    hd = getattr(heads, "head_dim", None)
     if not hd or c_prev % hd or c_in % c_prev:
         return None
     kv, rep = c_prev // hd, c_in // c_prev

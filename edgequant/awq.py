@@ -216,7 +216,7 @@ class AWQSearch:
         w_cat = torch.cat([lin.weight.detach().float() for lin in lins])
         xg = self._sample(xs, self.acfg.gram_tokens)
         gram, n = xg.T @ xg, xg.shape[0]
-        s, idx = None, fold_index(block, group)
+        s, idx = None, fold_index(block, group, self.acfg.gqa_fold)
         if idx is not None:
             loss = self._scale_loss(block, group, xs, w_cat, gram, n, call)
             s = self._search(f"{i}.{group.name}", loss, x_mean, w_cat, idx)

@@ -54,6 +54,7 @@ class AWQConfig:
 
     n_grid: int = 20
     duo_scaling: bool = False
+    gqa_fold: bool = False  # also scale v_proj -> o_proj under GQA (peers skip it)
     search: str = "fast"
     gram_tokens: int = 8192
     bf16_matmul: bool = True  # fast search only: block forwards as bf16 matmuls, fp32 accumulate

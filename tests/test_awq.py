@@ -89,14 +89,19 @@ def test_awq_block_error_not_above_rtn(arch):
 
 
 @pytest.mark.parametrize("search", ["fast", "exact"])
-@pytest.mark.parametrize("arch", ["llama-mha", "gemma3", "opt"])
+@pytest.mark.parametrize("arch", ["llama-mha", "gemma3", "opt", "llama-gqa-fold"])
 def test_saved_search_reapplies_bit_for_bit(tmp_path, search, arch):
     q = QuantConfig(4, 16)
-    a = AWQConfig(search=search, gram_tokens=128, duo_scaling=search == "exact")
-    make = (lambda: llama(gqa=False)) if arch == "llama-mha" else FACTORIES[arch]
+    gqa = arch == "llama-gqa-fold"
+    a = AWQConfig(search=search, gram_tokens=128, duo_scaling=search == "exact", gqa_fold=gqa)
+    make = (lambda: llama(gqa=False)) if arch == "llama-mha" else FACTORIES[arch.split("-")[0]]
     model = make()
     recipe = awq_quantize(model, calib_ids(), q, a)
     assert recipe.scales and recipe.clips
+    if gqa:  # one scale per v_proj output channel, repeated per query head on o_proj
+        v = model.model.layers[0].self_attn.v_proj
+        assert recipe.scales["0.attn_out"].shape == (v.out_features,)
+        assert v.out_features < model.model.layers[0].self_attn.o_proj.in_features
     path = tmp_path / "search.safetensors"
     recipe.save(path)
     fresh = make()
@@ -114,7 +119,7 @@ def test_non_finite_search_falls_back_to_identity(monkeypatch):
     model = llama()
     recipe = awq_quantize(model, calib_ids(), QuantConfig(4, 16), AWQConfig(gram_tokens=128))
     assert not recipe.scales
-    assert len(recipe.fallbacks) == 2 * 4  # 2 blocks x 4 groups (GQA v -> o folds too)
+    assert len(recipe.fallbacks) == 2 * 3  # 2 blocks x 3 foldable groups (GQA skips attn_out)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
