@@ -89,8 +89,19 @@ def _add_run(sub) -> None:
         p = sub.add_parser(name, help=text)
         p.add_argument("model", help="quantized checkpoint directory, model directory or zoo name")
         p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-        p.add_argument("--kernel", choices=("cpu", "reference"), default="cpu")
-        p.add_argument("--lm-head", choices=("int8", "bf16"), default="int8")
+        p.add_argument(
+            "--kernel",
+            choices=("cpu", "torch", "reference"),
+            default="cpu",
+            help="cpu: the C++ engine where it builds, else torch's fused ops; torch: only "
+            "torch's ops; reference: dequantize + matmul (slow, the oracle)",
+        )
+        p.add_argument(
+            "--lm-head",
+            choices=("int8", "int4", "bf16"),
+            default="int8",
+            help="tied embedding / lm_head: per-row int8, 4-bit g32 (C++ engine only) or bf16",
+        )
         p.add_argument("--max-seq", type=int, default=2048, help="KV cache length")
         if name == "bench":
             p.add_argument("--prompt-tokens", type=int, default=512)

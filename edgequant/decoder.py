@@ -17,17 +17,23 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from edgequant.arch import ARCHS, ArchSpec, arch_for, blocks_of
+from edgequant.config import QuantConfig
 from edgequant.errors import EdgequantError
-from edgequant.kernels import cpu
-from edgequant.modules import QuantLinear
+from edgequant.kernels import cpu, engine
+from edgequant.modules import QuantLinear, unsigned_codes
+from edgequant.primitives import dequantize
 
-KERNELS = ("cpu", "reference")
+KERNELS = ("cpu", "torch", "reference")  # cpu: the C++ extension where it loads, else torch
 QUANT_BUFFERS = ("codes", "scale", "zero")
-HEADS = ("int8", "bf16")
+HEADS = ("int8", "int4", "bf16")
+HEAD_INT4 = QuantConfig(4, 32)  # the int4 lm_head: asymmetric, groups of 32 (like GGUF Q4_0/1)
 
 
-def fused_linear(mods: list[nn.Module], kernel: str, dtype: torch.dtype) -> nn.Module:
-    """One module computing the concatenated outputs of linears that share an input."""
+def fused_linear(mods: list[nn.Module], kernel: str, dtype: torch.dtype, ext=None) -> nn.Module:
+    """One module computing the concatenated outputs of linears that share an input.
+
+    ext: the C++ extension where it loaded (kernel "cpu" then uses its int4 layout).
+    """
     bias = [m.bias for m in mods]
     b = None
     if any(x is not None for x in bias):
@@ -42,8 +48,8 @@ def fused_linear(mods: list[nn.Module], kernel: str, dtype: torch.dtype) -> nn.M
         if any(m.cfg != cfg for m in mods):
             raise EdgequantError("fused linears must share one quantization config")
         codes, scale, zero = (torch.cat([getattr(m, a) for m in mods]) for a in QUANT_BUFFERS)
-        if kernel == "cpu":
-            return cpu.fast_linear(codes, scale, zero, cfg, b)
+        if kernel != "reference":
+            return cpu.fast_linear(codes, scale, zero, cfg, b, ext)
         return cpu.ReferenceLinear(codes, scale, zero, cfg, b)
     if any(isinstance(m, QuantLinear) for m in mods):
         raise EdgequantError("cannot fuse quantized and float linears")
@@ -53,14 +59,14 @@ def fused_linear(mods: list[nn.Module], kernel: str, dtype: torch.dtype) -> nn.M
 class Layer(nn.Module):
     """One decoder block's weights, its KV cache and its attention window."""
 
-    def __init__(self, block, spec: ArchSpec, cfg, idx: int, kernel: str, dtype, max_seq: int):
+    def __init__(self, block, spec: ArchSpec, cfg, idx: int, kernel: str, dtype, max_seq, ext):
         super().__init__()
         d = spec.decode
         get = block.get_submodule
-        self.qkv = fused_linear([get(n) for n in d.qkv], kernel, dtype)
-        self.o = fused_linear([get(d.o)], kernel, dtype)
-        self.gate_up = fused_linear([get(n) for n in d.gate_up], kernel, dtype)
-        self.down = fused_linear([get(d.down)], kernel, dtype)
+        self.qkv = fused_linear([get(n) for n in d.qkv], kernel, dtype, ext)
+        self.o = fused_linear([get(d.o)], kernel, dtype, ext)
+        self.gate_up = fused_linear([get(n) for n in d.gate_up], kernel, dtype, ext)
+        self.down = fused_linear([get(d.down)], kernel, dtype, ext)
         one_plus = spec.norm == "rms_one_plus"
         norms = {"attn_norm": d.attn_norm, "attn_post_norm": d.attn_post_norm}
         norms |= {"mlp_norm": d.mlp_norm, "mlp_post_norm": d.mlp_post_norm}
@@ -94,13 +100,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 class Vocab(nn.Module):
-    """Token embedding and output projection, one table when tied (per-row int8 or dense)."""
+    """Token embedding and output projection, one table when tied.
 
-    def __init__(self, emb, head, mode: str, dtype, scale: float, exact: bool = False):
+    mode int8: per-row int8; int4: 4-bit g32 rows in the int4 layout (needs the C++ extension,
+    ext); bf16: dense. exact: the same table dequantized, float32 math for the reference path.
+    """
+
+    def __init__(self, emb, head, mode: str, dtype, scale: float, exact: bool = False, ext=None):
         super().__init__()
         self.scale, self.tied = scale, head is None
         w = emb if head is None else head
-        if mode == "int8":
+        if mode == "int4":
+            if ext is None and not exact:
+                raise EdgequantError(
+                    "lm_head int4 needs the C++ extension (AVX512-BF16, a compiler)"
+                )
+            codes, sc, zero = unsigned_codes(w.float(), HEAD_INT4, scale_dtype=torch.float32)
+            self.head = (
+                cpu.DenseLinear(dequantize(codes, sc, zero, HEAD_INT4), None, dtype)
+                if exact
+                else cpu.EngineInt4Linear.from_codes(codes, sc, zero, HEAD_INT4, ext)
+            )
+        elif mode == "int8":
             self.head = cpu.Int8Linear.from_float(w)
             if exact:  # the same int8 table, dequantized: float32 math for the reference path
                 q = self.head
@@ -117,6 +138,8 @@ class Vocab(nn.Module):
             x = F.embedding(ids, self.table).float()
         elif isinstance(self.head, cpu.Int8Linear):
             x = self.head.qweight[ids].float() * self.head.scale[ids].float().unsqueeze(-1)
+        elif isinstance(self.head, cpu.EngineInt4Linear):
+            x = self.head.rows(ids.reshape(-1)).view(*ids.shape, -1)
         else:
             x = F.embedding(ids, self.head.weight).float()
         return x * self.scale if self.scale != 1.0 else x
@@ -151,8 +174,9 @@ class Decoder(nn.Module):
         self.max_seq = min(max_seq, cfg.max_position_embeddings)
         self.act = ACT2FN[getattr(cfg, d.act)]
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        ext = engine.load() if kernel == "cpu" else None
         self.layers = nn.ModuleList(
-            Layer(b, spec, cfg, i, kernel, dtype, self.max_seq)
+            Layer(b, spec, cfg, i, kernel, dtype, self.max_seq, ext)
             for i, b in enumerate(blocks_of(model, spec))
         )
         emb = model.get_submodule(d.embed).weight.detach()
@@ -160,11 +184,11 @@ class Decoder(nn.Module):
         head = None if out is None or out.weight.data_ptr() == emb.data_ptr() else out.weight
         scale = math.sqrt(cfg.hidden_size) if d.embed_scale else 1.0
         head = None if head is None else head.detach()
-        self.vocab = Vocab(emb, head, lm_head, dtype, scale, exact=kernel == "reference")
+        self.vocab = Vocab(emb, head, lm_head, dtype, scale, kernel == "reference", ext)
         w = model.get_submodule(d.final_norm).weight.detach().float()
         self.register_buffer("final_norm", 1.0 + w if spec.norm == "rms_one_plus" else w)
         self._rope_tables(model.get_submodule(d.rotary), d.rotary_takes_layer_type)
-        self.engine = build_engine(self) if kernel == "cpu" else None
+        self.engine = None if ext is None else build_engine(self, ext)
 
     def _rope_tables(self, rotary: nn.Module, per_type: bool) -> None:
         pos = torch.arange(self.max_seq).unsqueeze(0)
@@ -230,30 +254,22 @@ class Decoder(nn.Module):
         return logits
 
 
-def build_engine(dec: Decoder):
-    """The C++ one-call-per-token engine over the decoder's own tensors, or None."""
-    from edgequant.kernels import engine
-
+def build_engine(dec: Decoder, ext):
+    """The C++ one-call-per-token engine over the decoder's own tensors (no copies), or None."""
     head = dec.vocab.head
     linears = [m for layer in dec.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-    ok = all(isinstance(m, cpu.Int4Linear) for m in linears) and dec.vocab.tied
+    ok = all(isinstance(m, cpu.EngineInt4Linear) for m in linears) and dec.vocab.tied
     act = getattr(dec.config, "hidden_act", None) or getattr(dec.config, "hidden_activation", "")
-    ok = ok and isinstance(head, cpu.Int8Linear) and head.in_features % 16 == 0
+    ok = ok and isinstance(head, cpu.Int8Linear | cpu.EngineInt4Linear)
+    ok = ok and head.in_features % 16 == 0 and head.out_features % 4 == 0
     ok = ok and all(layer.head_dim % 16 == 0 for layer in dec.layers)
-    if not ok or head.out_features % 4 or act not in ("silu", "gelu_pytorch_tanh"):
+    if not ok or act not in ("silu", "gelu_pytorch_tanh"):
         return None
-    ext = engine.load()
-    if ext is None:
-        return None
-    eng = ext.Engine(
-        head.qweight,
-        head.scale.float(),
-        dec.final_norm,
-        dec.eps,
-        dec.vocab.scale,
-        dec.softcap or 0.0,
-        act != "silu",
-    )
+    eng = ext.Engine(dec.final_norm, dec.eps, dec.vocab.scale, dec.softcap or 0.0, act != "silu")
+    if isinstance(head, cpu.Int8Linear):
+        eng.set_head_i8(head.qweight, head.scale.float())
+    else:
+        eng.set_head_q4(head.packed, head.sz, head.group)
     for layer in dec.layers:
         lins = (layer.qkv, layer.o, layer.gate_up, layer.down)
         norms = [layer.attn_norm, layer.attn_post_norm, layer.mlp_norm, layer.mlp_post_norm]
@@ -272,6 +288,4 @@ def build_engine(dec: Decoder):
             layer.window or -1,
             layer.scale,
         )
-        for m in lins:  # the engine holds its own float32 copy; Python keeps sz_bf16
-            m.sz = None
     return eng

@@ -126,10 +126,9 @@ def test_cpp_engine_is_as_close_to_exact_as_the_torch_kernels(arch):
     """Decode steps of the C++ engine and of the torch kernels, against float32 reference math."""
     model = quantized(lambda: MODELS[arch]())
     ids = torch.randint(0, 320, (1, 40))  # 20 decode steps pass gemma3's window of 16
-    with_engine, torch_only = Decoder(model, 64), Decoder(model, 64)
+    with_engine, torch_only = Decoder(model, 64), Decoder(model, 64, kernel="torch")
     exact = Decoder(model, 64, kernel="reference", dtype=torch.float32, lm_head="bf16")
-    assert with_engine.engine is not None
-    torch_only.engine = None
+    assert with_engine.engine is not None and torch_only.engine is None
     decoders = (with_engine, torch_only, exact)
     for dec in decoders:
         dec(ids[:, :20], 0)
@@ -140,3 +139,20 @@ def test_cpp_engine_is_as_close_to_exact_as_the_torch_kernels(arch):
     errs = torch.tensor(errs)  # [steps, (engine, torch)]
     assert errs[:, 0].max() < 3e-2  # bf16 activations, bf16 scales, int8 lm_head
     assert errs[:, 0].mean() <= 1.1 * errs[:, 1].mean()
+
+
+@pytest.mark.skipif(not engine.cpu_supported(), reason="the C++ engine needs AVX512-BF16")
+@pytest.mark.parametrize("arch", MODELS)
+def test_int4_lm_head_matches_its_reference(arch):
+    """The 4-bit tied head: engine decode steps and embedding rows against float32 math."""
+    model = quantized(lambda: MODELS[arch]())
+    ids = torch.randint(0, 320, (1, 30))
+    fast = Decoder(model, 64, lm_head="int4")
+    exact = Decoder(model, 64, kernel="reference", dtype=torch.float32, lm_head="int4")
+    assert fast.engine is not None
+    assert torch.allclose(fast.vocab.embed(ids), exact.vocab.embed(ids), rtol=1e-5, atol=1e-6)
+    for dec in (fast, exact):
+        dec(ids[:, :20], 0)
+    for t in range(20, 30):
+        a, ref = (dec(ids[:, t : t + 1], t) for dec in (fast, exact))
+        assert ((a - ref).norm() / ref.norm()) < 3e-2

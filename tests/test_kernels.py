@@ -4,8 +4,17 @@ import pytest
 import torch
 
 from edgequant.config import QuantConfig
-from edgequant.kernels import cpu, reference
+from edgequant.kernels import cpu, engine, reference
 from edgequant.modules import unsigned_codes
+from edgequant.primitives import dequantize
+
+
+@pytest.fixture(scope="module")
+def ext():
+    mod = engine.load()
+    if mod is None:
+        pytest.skip("C++ extension unavailable on this machine")
+    return mod
 
 
 def codes_for(n, k, cfg, seed=0):
@@ -40,6 +49,38 @@ def test_int4_kernel_matches_reference(m, bits, group, k, n):
     y = fast(x)
     assert y.shape == ref.shape and y.dtype == x.dtype
     assert rel_err(y, ref) < 6e-3  # bf16 activations and scales: about 2^-9 each
+
+
+@pytest.mark.parametrize("m", [1, 2, 7, 32, 512])
+@pytest.mark.parametrize("bits,group,k,n", GRID + [(4, 16, 192, 128), (3, 24, 192, 64)])
+def test_engine_int4_kernel_matches_reference(ext, m, bits, group, k, n):
+    cfg = QuantConfig(bits, group, zero_point=bits != 3)
+    codes, scale, zero = codes_for(n, k, cfg)
+    bias = torch.randn(n)
+    fast = cpu.fast_linear(codes, scale, zero, cfg, bias, ext)
+    assert isinstance(fast, cpu.EngineInt4Linear)
+    x = torch.randn(m, k)
+    ref = reference.linear(x, codes, scale, zero, cfg, bias)
+    y = fast(x)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    # GEMV rows: activations split into two bf16 parts, float32 scales: near float32;
+    # more rows: one bf16 rounding of weights and activations
+    assert rel_err(y, ref) < (3e-4 if m <= fast.GEMV_ROWS else 6e-3)
+
+
+def test_q4_layout_roundtrip_and_dequantization(ext):
+    cfg = QuantConfig(4, 32)
+    codes, scale, zero = codes_for(64, 256, cfg)
+    packed = cpu.pack_q4(codes)
+    assert packed.shape == (1, 32, 64) and packed.dtype == torch.int32
+    assert torch.equal(cpu.unpack_q4(packed), codes)
+    # the documented bit positions: row 0, columns 0..7
+    d = int(packed[0, 0, 0]) & 0xFFFFFFFF
+    want = [(d >> (4 * (j // 2) + 16 * (j % 2))) & 15 for j in range(8)]
+    assert want == codes[0, :8].tolist()
+    lin = cpu.EngineInt4Linear.from_codes(codes, scale, zero, cfg, ext)
+    w = dequantize(codes, scale, zero, cfg)
+    assert torch.allclose(lin.dequantized().float(), w, rtol=2**-8, atol=1e-6)
 
 
 def test_int4_pack_roundtrip_and_3d_input():

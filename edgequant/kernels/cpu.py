@@ -1,5 +1,10 @@
 """Fused low-bit CPU kernels for weight-only quantized linears (W4A16, W8A16).
 
+Where the C++ extension builds (edgequant.kernels.engine: AVX512-BF16 and a compiler),
+2- to 4-bit weights live in edgequant's own int4 layout (`pack_q4`) as `EngineInt4Linear`:
+one or two rows run the extension's exact GEMV, more rows dequantize to bf16 in C++ once per
+call and run a dense bf16 matmul. Elsewhere `Int4Linear` keeps torch's fused op:
+
 Decode (few rows) runs torch's fused int4 CPU op, which reads the 4-bit weights directly:
 `_weight_int4pack_mm_for_cpu(x bf16 [M, K], packed [N, K/2], group, sz [K/g, N, 2])`
 computes x @ ((q - 8) * s + zf)^T, so a zero point z becomes zf = (8 - z) * s, rounded to bf16.
@@ -111,6 +116,92 @@ class Int4Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+Q4_ROWS = 64  # rows per block of edgequant's int4 layout
+
+
+def pack_q4(codes: torch.Tensor) -> torch.Tensor:
+    # codes [N, K] uint8 in 0..15 -> [N/64, K/8, 64] int32: the dword of (row, columns
+    # k..k+7) holds column k+2j in bits 4j..4j+3 and k+2j+1 in bits 16+4j.. (j = 0..3)
+    n, k = codes.shape
+    c = codes.to(torch.int32).view(n // Q4_ROWS, Q4_ROWS, k // 8, 4, 2)
+    shift = torch.arange(4, dtype=torch.int32) * 4
+    dword = ((c[..., 0] << shift) | (c[..., 1] << (shift + 16))).sum(-1, dtype=torch.int32)
+    return dword.transpose(1, 2).contiguous()  # disjoint bits: the sum is the bitwise or
+
+
+def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
+    # packed [N/64, K/8, 64] int32 -> codes [N, K] uint8
+    nb, k8, _ = packed.shape
+    shift = torch.arange(4, dtype=torch.int32) * 4
+    p = packed.transpose(1, 2).unsqueeze(-1)  # [N/64, 64, K/8, 1]
+    both = torch.stack(((p >> shift) & 15, (p >> (shift + 16)) & 15), dim=-1)
+    return both.reshape(nb * Q4_ROWS, k8 * 8).to(torch.uint8)
+
+
+def q4_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    # scale/zero [N, ng] -> [N/64, ng, 2, 64] float32 (s, c): w = (q - z) s = (128 + q) s + c
+    s, z = scale.float(), zero.float()
+    sc = torch.stack((s, -(128.0 + z) * s), dim=-1)  # [N, ng, 2]
+    n, ng = s.shape
+    return sc.view(n // Q4_ROWS, Q4_ROWS, ng, 2).permute(0, 2, 3, 1).contiguous()
+
+
+class EngineInt4Linear(nn.Module):
+    """2- to 4-bit weights in edgequant's int4 layout, run by the C++ extension.
+
+    Up to GEMV_ROWS rows: one exact GEMV per row (float32 results, ~3e-6 relative); more rows:
+    the weight dequantized to bf16 in C++ once per call, then a dense bf16 matmul.
+    """
+
+    GEMV_ROWS = 2
+
+    def __init__(self, packed: torch.Tensor, sz: torch.Tensor, group: int, ext, bias=None):
+        super().__init__()
+        self.out_features, self.in_features = packed.shape[0] * Q4_ROWS, packed.shape[1] * 8
+        self.group, self.ext = group, ext
+        self.register_buffer("packed", packed)
+        self.register_buffer("sz", sz)
+        self.register_buffer("bias", None if bias is None else bias.float())
+
+    @staticmethod
+    def takes(cfg: QuantConfig, n: int, k: int) -> bool:
+        g = cfg.group_len(k)
+        return cfg.bits <= 4 and n % Q4_ROWS == 0 and g % 8 == 0 and k % g == 0
+
+    @classmethod
+    def from_codes(cls, codes, scale, zero, cfg: QuantConfig, ext, bias=None) -> EngineInt4Linear:
+        # codes [N, K] uint8, scale/zero [N, ng], bias [N] or None; ext: the loaded extension
+        n, k = codes.shape
+        if not cls.takes(cfg, n, k):
+            raise ValueError(f"int4 layout cannot take w{cfg.bits} g{cfg.group_size} [{n}, {k}]")
+        return cls(pack_q4(codes), q4_scales(scale, zero), cfg.group_len(k), ext, bias)
+
+    def dequantized(self) -> torch.Tensor:
+        # -> w [N, K] bf16, the weight the prefill matmul uses
+        return self.ext.q4_dequant_t(self.packed, self.sz, self.group).t()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids [T] -> [T, K] float32: rows of the weight (an embedding lookup on a tied head)
+        unit, lane = ids // Q4_ROWS, ids % Q4_ROWS
+        d = self.packed[unit, :, lane].unsqueeze(-1)  # [T, K/8, 1]
+        shift = torch.arange(4, dtype=torch.int32) * 4
+        q = torch.stack(((d >> shift) & 15, (d >> (shift + 16)) & 15), dim=-1)
+        sz = self.sz[unit, :, :, lane].repeat_interleave(self.group, dim=1)  # [T, K, 2]
+        return (128.0 + q.reshape(ids.shape[0], -1).float()) * sz[..., 0] + sz[..., 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [..., K] -> [..., N] in x.dtype
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] <= self.GEMV_ROWS:
+            y = self.ext.q4_gemv(self.packed, self.sz, self.group, x2, self.bias)
+        else:
+            wt = self.ext.q4_dequant_t(self.packed, self.sz, self.group)  # [K, N]
+            y = x2.to(torch.bfloat16) @ wt
+            if self.bias is not None:
+                y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     """Per-output-channel symmetric int8 weights: w = q * scale, q in -127..127."""
 
@@ -167,9 +258,14 @@ class DenseLinear(nn.Module):
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
 
-def fast_linear(codes, scale, zero, cfg: QuantConfig, bias=None) -> nn.Module:
-    """The fastest kernel module that takes these codes exactly."""
+def fast_linear(codes, scale, zero, cfg: QuantConfig, bias=None, ext=None) -> nn.Module:
+    """The fastest kernel module that takes these codes exactly.
+
+    ext: the loaded C++ extension (edgequant.kernels.engine.load()), or None for torch's ops.
+    """
     n, k = codes.shape
+    if ext is not None and EngineInt4Linear.takes(cfg, n, k):
+        return EngineInt4Linear.from_codes(codes, scale, zero, cfg, ext, bias)
     if int4_group(cfg, k) is not None and n % BLOCK_N == 0:
         return Int4Linear.from_codes(codes, scale, zero, cfg, bias)
     return ReferenceLinear(codes, scale, zero, cfg, bias)

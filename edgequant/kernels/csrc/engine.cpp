@@ -1,12 +1,11 @@
 // edgequant decode engine: one call per generated token, the whole forward in C++.
 //
-// Weights stay in torch's int4 CPU layout (the bytes the prefill path also reads):
-// packed [N/64, K, 32] bytes; byte j of row-block b at column k holds row 64b+j in its low
-// nibble and row 64b+32+j in its high nibble; w = (q - 8) * s + zf per (row, group).
-// The GEMV widens nibbles to bf16 through a 16-entry table (vpermw), pairs columns k, k+1
-// and runs vdpbf16ps (AVX512-BF16) against the activations split into two bf16 parts,
-// accumulating in float32; scales and zero terms are exact float32.
-// The tied lm_head is per-row int8 (float32 FMAs). The residual stream, norms, RoPE,
+// 2- to 4-bit weights are in edgequant's int4 layout (see Q4), which the prefill path also
+// reads (q4_dequant_t). The GEMV turns each dword into bf16(128 + q) pairs of columns k, k+1
+// with one shift and one mask-or (no table lookups, no cross-lane shuffles) and runs
+// vdpbf16ps (AVX512-BF16) against the activations split into two bf16 parts, accumulating in
+// float32; scales and offsets are exact float32.
+// The tied lm_head is per-row int8 (float32 FMAs) or in the int4 layout. The residual stream, norms, RoPE,
 // attention and softmax are float32; the KV cache is bf16 [1, KV, S, hd], shared with the
 // Python prefill path.
 #include <torch/extension.h>
@@ -41,86 +40,123 @@ inline __m512 load_bf16(const bf16_t* p) {  // 16 bf16 -> 16 float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// A linear in torch's int4 layout, with its scales re-laid for the kernel:
-// sc/zf [N/64, K/g, 64] float32, rows within a block in accumulator order (see perm_row).
+// A linear in edgequant's int4 layout (edgequant.kernels.cpu.pack_q4):
+// packed [N/64, K/8, 64] int32, one dword per (row, 8 columns k..k+7) holding column k+2j in
+// bits 4j..4j+3 and column k+2j+1 in bits 16+4j..16+4j+3 (j = 0..3). One shift and one
+// mask-or turn a dword into bf16(128 + q) for two columns of the same row, the operand pair
+// vdpbf16ps wants; sz [N/64, K/g, 2, 64] float32 holds s and c with w = (128 + q) * s + c.
 struct Q4 {
-  torch::Tensor packed, sc, zf, bias;
+  torch::Tensor packed, sz, bias;  // bias float32 [N] or undefined
   int64_t n = 0, k = 0, g = 0;
 };
 
-// Row (0..63 within a block) held by lane i of accumulator a (0..3), from the
-// unpacklo/hi_epi16 interleave that works inside 128-bit lanes.
-inline int perm_row(int a, int i) {
-  int half = a / 2, hi = a % 2;
-  return 32 * half + 8 * (i / 4) + 4 * hi + (i % 4);
+Q4 make_q4(torch::Tensor packed, torch::Tensor sz, int64_t g, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(packed.dtype() == torch::kInt32 && packed.is_contiguous() && packed.dim() == 3);
+  TORCH_CHECK(sz.dtype() == torch::kFloat32 && sz.is_contiguous());
+  Q4 w;
+  w.packed = packed;
+  w.sz = sz;
+  w.n = packed.size(0) * 64;
+  w.k = packed.size(1) * 8;
+  w.g = g;
+  TORCH_CHECK(g % 8 == 0 && w.k % g == 0 && sz.numel() == w.n * (w.k / g) * 2);
+  if (bias && bias->defined()) w.bias = bias->to(torch::kFloat32).contiguous();
+  return w;
+}
+
+// The activations as bf16 column pairs, split into hi + lo parts (x - hi rounded again), so two
+// vdpbf16ps per weight pair keep about 16 bits of x: the GEMV matches float32 math to ~3e-6.
+// xsum[group] sums exactly the values the kernel multiplies, so c * xsum cancels the 128 offset.
+struct XPairs {
+  std::vector<uint32_t> hi, lo;
+  std::vector<float> sum;
+  XPairs(const float* x, int64_t K, int64_t G) : hi(K / 2), lo(K / 2), sum(K / G, 0.f) {
+    for (int64_t k = 0; k < K; k += 2) {
+      bf16_t a = to_bf16(x[k]), b = to_bf16(x[k + 1]);
+      bf16_t al = to_bf16(x[k] - from_bf16(a)), bl = to_bf16(x[k + 1] - from_bf16(b));
+      hi[k / 2] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+      lo[k / 2] = static_cast<uint32_t>(al) | (static_cast<uint32_t>(bl) << 16);
+      sum[k / G] += (from_bf16(a) + from_bf16(al)) + (from_bf16(b) + from_bf16(bl));
+    }
+  }
+};
+
+inline __m512bh q4_pair(__m512i d, int j) {  // columns k+2j, k+2j+1 as bf16(128 + q)
+  const __m512i s = j ? _mm512_srli_epi32(d, 4 * j) : d;
+  return (__m512bh)_mm512_ternarylogic_epi32(s, _mm512_set1_epi32(0x000F000F),
+                                             _mm512_set1_epi32(0x43004300), 0xEA);  // (s&m)|b
 }
 
 void gemv_q4(const Q4& w, const float* x, float* y) {
-  // x is split into bf16 hi + lo parts (x - hi rounded again): two vdpbf16ps per weight pair
-  // keep the activations to about 16 bits of mantissa, so the GEMV matches float32 math.
-  const int64_t K = w.k, N = w.n, G = w.g, ng = K / G;
-  std::vector<uint32_t> xhi(K / 2), xlo(K / 2);  // bf16 column pairs (k, k+1)
-  std::vector<float> xsum(ng, 0.f);
-  for (int64_t k = 0; k < K; k += 2) {
-    bf16_t a = to_bf16(x[k]), b = to_bf16(x[k + 1]);
-    bf16_t al = to_bf16(x[k] - from_bf16(a)), bl = to_bf16(x[k + 1] - from_bf16(b));
-    xhi[k / 2] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
-    xlo[k / 2] = static_cast<uint32_t>(al) | (static_cast<uint32_t>(bl) << 16);
-    xsum[k / G] += x[k] + x[k + 1];
-  }
-  alignas(64) int16_t table_v[32];
-  for (int i = 0; i < 32; ++i) table_v[i] = static_cast<int16_t>(to_bf16(static_cast<float>((i & 15) - 8)));
-  const __m512i table = _mm512_load_si512(table_v);
-  const __m256i lo4 = _mm256_set1_epi8(0x0f);
-  const uint8_t* P = w.packed.data_ptr<uint8_t>();
-  const float* SC = w.sc.data_ptr<float>();
-  const float* ZF = w.zf.data_ptr<float>();
+  const int64_t K = w.k, G = w.g, ng = K / G, K8 = K / 8;
+  const XPairs xp(x, K, G);
+  const int32_t* P = w.packed.data_ptr<int32_t>();
+  const float* SZ = w.sz.data_ptr<float>();
   const float* B = w.bias.defined() ? w.bias.data_ptr<float>() : nullptr;
-  at::parallel_for(0, N / 64, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const uint8_t* pb = P + blk * K * 32;
+  at::parallel_for(0, w.n / 64, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {  // 64 rows: four 16-row accumulators, hi and lo
+      const int32_t* pb = P + blk * K8 * 64;
       __m512 tot[4];
-      for (auto& t : tot) t = _mm512_setzero_ps();
+      for (int a = 0; a < 4; ++a) tot[a] = B ? _mm512_loadu_ps(B + 64 * blk + 16 * a) : _mm512_setzero_ps();
       for (int64_t gi = 0; gi < ng; ++gi) {
-        __m512 acc[8];  // 0..3: hi parts, 4..7: lo parts
+        __m512 acc[8];
         for (auto& a : acc) a = _mm512_setzero_ps();
-        for (int64_t k = gi * G; k < (gi + 1) * G; k += 2) {
-          __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k * 32));
-          __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + (k + 1) * 32));
-          __m512bh xh = (__m512bh)_mm512_set1_epi32(static_cast<int>(xhi[k / 2]));
-          __m512bh xl = (__m512bh)_mm512_set1_epi32(static_cast<int>(xlo[k / 2]));
-          __m256i halves[4] = {_mm256_and_si256(va, lo4), _mm256_and_si256(vb, lo4),
-                               _mm256_and_si256(_mm256_srli_epi16(va, 4), lo4),
-                               _mm256_and_si256(_mm256_srli_epi16(vb, 4), lo4)};
-          for (int h = 0; h < 2; ++h) {  // h 0: rows 0..31 (low nibbles), 1: rows 32..63
-            __m512i ta = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(halves[2 * h]), table);
-            __m512i tb = _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(halves[2 * h + 1]), table);
-            __m512bh p0 = (__m512bh)_mm512_unpacklo_epi16(ta, tb);
-            __m512bh p1 = (__m512bh)_mm512_unpackhi_epi16(ta, tb);
-            acc[2 * h] = _mm512_dpbf16_ps(acc[2 * h], p0, xh);
-            acc[2 * h + 1] = _mm512_dpbf16_ps(acc[2 * h + 1], p1, xh);
-            acc[4 + 2 * h] = _mm512_dpbf16_ps(acc[4 + 2 * h], p0, xl);
-            acc[5 + 2 * h] = _mm512_dpbf16_ps(acc[5 + 2 * h], p1, xl);
+        for (int64_t k8 = gi * G / 8; k8 < (gi + 1) * G / 8; ++k8) {
+          __m512i d[4];
+          for (int a = 0; a < 4; ++a) d[a] = _mm512_loadu_si512(pb + k8 * 64 + 16 * a);
+          for (int j = 0; j < 4; ++j) {
+            const __m512bh xh = (__m512bh)_mm512_set1_epi32(xp.hi[4 * k8 + j]);
+            const __m512bh xl = (__m512bh)_mm512_set1_epi32(xp.lo[4 * k8 + j]);
+            for (int a = 0; a < 4; ++a) {
+              const __m512bh wv = q4_pair(d[a], j);
+              acc[a] = _mm512_dpbf16_ps(acc[a], wv, xh);
+              acc[4 + a] = _mm512_dpbf16_ps(acc[4 + a], wv, xl);
+            }
           }
         }
-        const float* sc = SC + (blk * ng + gi) * 64;
-        const float* zf = ZF + (blk * ng + gi) * 64;
-        __m512 xs = _mm512_set1_ps(xsum[gi]);
+        const float* sz = SZ + (blk * ng + gi) * 128;  // [2, 64]: s, then c
+        const __m512 xs = _mm512_set1_ps(xp.sum[gi]);
         for (int a = 0; a < 4; ++a) {
-          __m512 dot = _mm512_add_ps(acc[a], acc[4 + a]);
-          tot[a] = _mm512_fmadd_ps(_mm512_loadu_ps(sc + 16 * a), dot, tot[a]);
-          tot[a] = _mm512_fmadd_ps(_mm512_loadu_ps(zf + 16 * a), xs, tot[a]);
+          tot[a] = _mm512_fmadd_ps(_mm512_loadu_ps(sz + 16 * a), _mm512_add_ps(acc[a], acc[4 + a]), tot[a]);
+          tot[a] = _mm512_fmadd_ps(_mm512_loadu_ps(sz + 64 + 16 * a), xs, tot[a]);
         }
       }
-      alignas(64) float out[64];
-      for (int a = 0; a < 4; ++a) _mm512_store_ps(out + 16 * a, tot[a]);
-      for (int a = 0; a < 4; ++a)
-        for (int i = 0; i < 16; ++i) {
-          int64_t row = blk * 64 + perm_row(a, i);
-          y[row] = out[16 * a + i] + (B ? B[row] : 0.f);
-        }
+      for (int a = 0; a < 4; ++a) _mm512_storeu_ps(y + 64 * blk + 16 * a, tot[a]);
     }
   });
+}
+
+// The weight, transposed, in bf16: wt [K, N] (w = (128 + q) * s + c rounded once), for the
+// prefill matmul. Each dword column pair becomes two 16-row runs of one wt row.
+torch::Tensor q4_dequant_t(torch::Tensor packed, torch::Tensor sz, int64_t g) {
+  const Q4 w = make_q4(packed, sz, g, c10::nullopt);
+  const int64_t K = w.k, N = w.n, ng = K / g, K8 = K / 8;
+  auto out = torch::empty({K, N}, torch::kBFloat16);
+  bf16_t* O = reinterpret_cast<bf16_t*>(out.data_ptr<at::BFloat16>());
+  const int32_t* P = w.packed.data_ptr<int32_t>();
+  const float* SZ = w.sz.data_ptr<float>();
+  at::parallel_for(0, N / 16, 1, [&](int64_t u0, int64_t u1) {
+    const __m512i m = _mm512_set1_epi32(0xF);
+    for (int64_t u = u0; u < u1; ++u)  // 16-row unit: lanes 16(u%4).. of block u/4
+      for (int64_t gi = 0; gi < ng; ++gi) {
+        const int64_t blk = u / 4, a = u % 4;
+        const float* szp = SZ + (blk * ng + gi) * 128 + 16 * a;
+        const __m512 s = _mm512_loadu_ps(szp);
+        const __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(128.f), s, _mm512_loadu_ps(szp + 64));
+        for (int64_t k8 = gi * g / 8; k8 < (gi + 1) * g / 8; ++k8) {
+          const __m512i d = _mm512_loadu_si512(P + (blk * K8 + k8) * 64 + 16 * a);
+          for (int j = 0; j < 4; ++j)
+            for (int h = 0; h < 2; ++h) {
+              __m512i q = _mm512_and_si512(_mm512_srli_epi32(d, 4 * j + 16 * h), m);
+              __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), s, c);
+              __m256bh b = _mm512_cvtneps_pbh(v);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(O + (8 * k8 + 2 * j + h) * N + 16 * u),
+                                  (__m256i)b);
+            }
+        }
+      }
+  });
+  return out;
 }
 
 // Int8 rows: y[v] = s[v] * sum_k q[v, k] x[k], four rows per pass over x.
@@ -168,35 +204,18 @@ const float* ptr(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float
 
 class Engine {
  public:
-  Engine(torch::Tensor head_q, torch::Tensor head_s, torch::Tensor final_norm, double eps,
-         double embed_scale, double softcap, bool gelu)
-      : head_q_(head_q), head_s_(head_s), final_norm_(final_norm), eps_(eps),
-        embed_scale_(embed_scale), softcap_(softcap), gelu_(gelu) {}
+  Engine(torch::Tensor final_norm, double eps, double embed_scale, double softcap, bool gelu)
+      : final_norm_(final_norm), eps_(eps), embed_scale_(embed_scale), softcap_(softcap),
+        gelu_(gelu) {}
 
-  static Q4 make_q4(torch::Tensor packed, torch::Tensor sz, int64_t g, c10::optional<torch::Tensor> bias) {
-    // sz [K/g, N, 2] bf16 (scale, zf) -> sc/zf [N/64, K/g, 64] float32 in accumulator row order
-    Q4 w;
-    w.packed = packed.contiguous();
-    w.n = packed.size(0);
-    w.k = packed.size(1) * 2;
-    w.g = g;
-    const int64_t ng = w.k / g, nb = w.n / 64;
-    auto f = sz.to(torch::kFloat32).contiguous();
-    w.sc = torch::empty({nb, ng, 64}, torch::kFloat32);
-    w.zf = torch::empty({nb, ng, 64}, torch::kFloat32);
-    auto fa = f.accessor<float, 3>();
-    float* sc = w.sc.data_ptr<float>();
-    float* zf = w.zf.data_ptr<float>();
-    for (int64_t b = 0; b < nb; ++b)
-      for (int64_t gi = 0; gi < ng; ++gi)
-        for (int a = 0; a < 4; ++a)
-          for (int i = 0; i < 16; ++i) {
-            int64_t row = b * 64 + perm_row(a, i), at = (b * ng + gi) * 64 + 16 * a + i;
-            sc[at] = fa[gi][row][0];
-            zf[at] = fa[gi][row][1];
-          }
-    if (bias && bias->defined()) w.bias = bias->to(torch::kFloat32).contiguous();
-    return w;
+  // The tied embedding / lm_head: per-row int8 [V, D] with float32 scales [V] ...
+  void set_head_i8(torch::Tensor q, torch::Tensor s) {
+    head_q_ = q;
+    head_s_ = s;
+  }
+  // ... or 2- to 4-bit rows in the int4 layout
+  void set_head_q4(torch::Tensor packed, torch::Tensor sz, int64_t g) {
+    head4_ = make_q4(packed, sz, g, c10::nullopt);
   }
 
   void add_layer(std::vector<torch::Tensor> q4s, std::vector<int64_t> groups,
@@ -224,25 +243,47 @@ class Engine {
   }
 
   torch::Tensor step(int64_t token, int64_t pos) {
-    const int64_t D = head_q_.size(1);
+    const int64_t D = final_norm_.size(0);
     std::vector<float> x(D), h(D), tmp(D);
-    const int8_t* erow = head_q_.data_ptr<int8_t>() + token * D;
-    const float es = head_s_.data_ptr<float>()[token] * static_cast<float>(embed_scale_);
-    for (int64_t i = 0; i < D; ++i) x[i] = erow[i] * es;
+    embed(token, x.data());
     for (auto& L : layers_) block(L, x.data(), h.data(), tmp.data(), pos);
     rms_norm(x.data(), final_norm_.data_ptr<float>(), h.data(), D, eps_);
-    const int64_t V = head_q_.size(0);
+    const int64_t V = head_q_.defined() ? head_q_.size(0) : head4_.n;
     auto logits = torch::empty({V}, torch::kFloat32);
     float* lg = logits.data_ptr<float>();
-    gemv_i8(head_q_.data_ptr<int8_t>(), head_s_.data_ptr<float>(), h.data(), lg, V, D);
+    if (head_q_.defined())
+      gemv_i8(head_q_.data_ptr<int8_t>(), head_s_.data_ptr<float>(), h.data(), lg, V, D);
+    else
+      gemv_q4(head4_, h.data(), lg);
     if (softcap_ > 0)
       for (int64_t v = 0; v < V; ++v) lg[v] = std::tanh(lg[v] / softcap_) * softcap_;
     return logits;
   }
 
  private:
+  void embed(int64_t token, float* x) const {  // row `token` of the head, times embed_scale
+    const int64_t D = final_norm_.size(0);
+    const float es = static_cast<float>(embed_scale_);
+    if (head_q_.defined()) {
+      const int8_t* row = head_q_.data_ptr<int8_t>() + token * D;
+      const float s = head_s_.data_ptr<float>()[token] * es;
+      for (int64_t i = 0; i < D; ++i) x[i] = row[i] * s;
+      return;
+    }
+    const int64_t blk = token / 64, lane = token % 64, G = head4_.g, ng = D / G;
+    const int32_t* P = head4_.packed.data_ptr<int32_t>() + blk * (D / 8) * 64 + lane;
+    const float* SZ = head4_.sz.data_ptr<float>() + blk * ng * 128 + lane;
+    for (int64_t k = 0; k < D; ++k) {
+      const uint32_t d = static_cast<uint32_t>(P[(k / 8) * 64]);
+      const int j = (k % 8) / 2, h = k % 2;
+      const float q = static_cast<float>((d >> (4 * j + 16 * h)) & 15);
+      const float* sz = SZ + (k / G) * 128;
+      x[k] = ((128.f + q) * sz[0] + sz[64]) * es;
+    }
+  }
+
   void block(Layer& L, float* x, float* h, float* tmp, int64_t pos) {
-    const int64_t D = head_q_.size(1), hd = L.head_dim, H = L.heads, KV = L.kv_heads;
+    const int64_t D = final_norm_.size(0), hd = L.head_dim, H = L.heads, KV = L.kv_heads;
     rms_norm(x, ptr(L.attn_norm), h, D, eps_);
     std::vector<float> qkv(L.qkv.n), att(H * hd);
     gemv_q4(L.qkv, h, qkv.data());
@@ -317,17 +358,21 @@ class Engine {
   }
 
   std::vector<Layer> layers_;
-  torch::Tensor head_q_, head_s_, final_norm_;
+  torch::Tensor head_q_, head_s_, final_norm_;  // head_q_ undefined: head4_ is the head
+  Q4 head4_;
   double eps_, embed_scale_, softcap_;
   bool gelu_;
 };
 
-torch::Tensor q4_gemv(torch::Tensor packed, torch::Tensor sz, int64_t g, torch::Tensor x) {
-  // x [K] float32 -> [N] float32; the kernel alone, for tests
-  Q4 w = Engine::make_q4(packed, sz, g, c10::nullopt);
+torch::Tensor q4_gemv(torch::Tensor packed, torch::Tensor sz, int64_t g, torch::Tensor x,
+                      c10::optional<torch::Tensor> bias) {
+  // x [M, K] -> y [M, N] float32, one GEMV per row (few rows: cheaper than dequantizing)
+  const Q4 w = make_q4(packed, sz, g, bias);
   auto xc = x.to(torch::kFloat32).contiguous();
-  auto y = torch::empty({w.n}, torch::kFloat32);
-  gemv_q4(w, xc.data_ptr<float>(), y.data_ptr<float>());
+  TORCH_CHECK(xc.dim() == 2 && xc.size(1) == w.k);
+  auto y = torch::empty({xc.size(0), w.n}, torch::kFloat32);
+  for (int64_t m = 0; m < xc.size(0); ++m)
+    gemv_q4(w, xc.data_ptr<float>() + m * w.k, y.data_ptr<float>() + m * w.n);
   return y;
 }
 
@@ -342,8 +387,8 @@ double bench_i8(torch::Tensor q, torch::Tensor s, torch::Tensor x, int64_t iters
 }
 
 double bench_q4(torch::Tensor packed, torch::Tensor sz, int64_t g, torch::Tensor x, int64_t iters) {
-  // microseconds per GEMV, scales re-laid once
-  Q4 w = Engine::make_q4(packed, sz, g, c10::nullopt);
+  // microseconds per GEMV
+  const Q4 w = make_q4(packed, sz, g, c10::nullopt);
   auto xc = x.to(torch::kFloat32).contiguous();
   auto y = torch::empty({w.n}, torch::kFloat32);
   gemv_q4(w, xc.data_ptr<float>(), y.data_ptr<float>());
@@ -366,11 +411,14 @@ torch::Tensor i8_gemv(torch::Tensor q, torch::Tensor s, torch::Tensor x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_gemv", &q4_gemv);
+  m.def("q4_dequant_t", &q4_dequant_t);
   m.def("i8_gemv", &i8_gemv);
   m.def("bench_q4", &bench_q4);
   m.def("bench_i8", &bench_i8);
   pybind11::class_<Engine>(m, "Engine")
-      .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, double, double, double, bool>())
+      .def(pybind11::init<torch::Tensor, double, double, double, bool>())
+      .def("set_head_i8", &Engine::set_head_i8)
+      .def("set_head_q4", &Engine::set_head_q4)
       .def("add_layer", &Engine::add_layer)
       .def("step", &Engine::step);
 }
