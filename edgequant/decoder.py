@@ -23,6 +23,7 @@ from edgequant.kernels import cpu, engine
 from edgequant.modules import QuantLinear, unsigned_codes
 from edgequant.primitives import dequantize
 
+KEY_BLOCK = 16  # positions per block of the key cache
 KERNELS = ("cpu", "torch", "reference")  # cpu: the C++ extension where it loads, else torch
 QUANT_BUFFERS = ("codes", "scale", "zero")
 HEADS = ("int8", "int4", "bf16")
@@ -83,14 +84,32 @@ class Layer(nn.Module):
         self.window = window if self.layer_type == "sliding_attention" or not types else None
         scalar = getattr(cfg, d.attn_scale) if d.attn_scale else self.head_dim
         self.scale = scalar**-0.5
-        shape = (1, self.kv_heads, max_seq, self.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        # keys in blocks of 16 positions, [1, KV, S/16, hd, 16]: the C++ engine scores a block
+        # per vector from one contiguous read; values [1, KV, S, hd]
+        blocks = -(-max_seq // KEY_BLOCK)
+        kshape = (1, self.kv_heads, blocks, self.head_dim, KEY_BLOCK)
+        vshape = (1, self.kv_heads, blocks * KEY_BLOCK, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(kshape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(vshape, dtype=dtype), persistent=False)
+
+    def write_keys(self, k: torch.Tensor, pos: int) -> None:
+        # k [1, KV, T, hd] -> the key cache at positions pos..pos+T-1
+        p = torch.arange(pos, pos + k.shape[2])
+        self.k_cache[:, :, p // KEY_BLOCK, :, p % KEY_BLOCK] = k.permute(2, 0, 1, 3).to(
+            self.k_cache.dtype
+        )
+
+    def keys(self, start: int, end: int) -> torch.Tensor:
+        # -> [1, KV, end - start, hd] contiguous (a copy out of the blocked layout)
+        b0, b1 = start // KEY_BLOCK, -(-end // KEY_BLOCK)
+        blk = self.k_cache[:, :, b0:b1].transpose(-1, -2)  # [1, KV, nb, 16, hd]
+        k = blk.reshape(1, self.kv_heads, -1, self.head_dim)
+        return k[:, :, start - b0 * KEY_BLOCK : end - b0 * KEY_BLOCK]
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, dtype=None) -> torch.Tensor:
     # x [..., D], w [D] float32 (already 1 + w for Gemma) -> [..., D] x.dtype
-    return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(x.dtype)
+    return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(dtype or x.dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -115,7 +134,7 @@ class Vocab(nn.Module):
                 raise EdgequantError(
                     "lm_head int4 needs the C++ extension (AVX512-BF16, a compiler)"
                 )
-            codes, sc, zero = unsigned_codes(w.float(), HEAD_INT4, scale_dtype=torch.float32)
+            codes, sc, zero = unsigned_codes(w.float(), HEAD_INT4)
             self.head = (
                 cpu.DenseLinear(dequantize(codes, sc, zero, HEAD_INT4), None, dtype)
                 if exact
@@ -209,29 +228,41 @@ class Decoder(nn.Module):
         sin = getattr(self, f"sin_{layer.layer_type}")[pos : pos + t]
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         end = pos + t
-        layer.k_cache[:, :, pos:end] = k
+        layer.write_keys(k, pos)
         layer.v_cache[:, :, pos:end] = v
         start = 0 if layer.window is None else max(0, end - layer.window - t + 1)
-        keys, values = layer.k_cache[:, :, start:end], layer.v_cache[:, :, start:end]
+        keys = layer.keys(start, end)
+        values = layer.v_cache[:, :, start:end]
+        # a fresh prompt within the window is plainly causal: no mask tensor, the fused kernel
+        causal = pos == 0 and t > 1 and (layer.window is None or t <= layer.window)
         mask = None
-        if t > 1:
+        if t > 1 and not causal:
             qi = torch.arange(pos, end).unsqueeze(1)
             ki = torch.arange(start, end).unsqueeze(0)
             mask = ki <= qi
             if layer.window is not None:
                 mask &= ki > qi - layer.window
-        o = F.scaled_dot_product_attention(  # float32, as the C++ engine computes it
-            q, keys.float(), values.float(), attn_mask=mask, scale=layer.scale, enable_gqa=True
+        dt = self.dtype if t > 1 else torch.float32  # one token: float32, as the engine computes
+        o = F.scaled_dot_product_attention(
+            q.to(dt),
+            keys.to(dt),
+            values.to(dt),
+            attn_mask=mask,
+            is_causal=causal,
+            scale=layer.scale,
+            enable_gqa=True,
         )
         return layer.o(o.transpose(1, 2).reshape(1, t, -1))
 
     def block(self, layer: Layer, x: torch.Tensor, pos: int) -> torch.Tensor:
         # x [1, T, D] residual stream -> [1, T, D]
-        h = self.attention(layer, rms_norm(x, layer.attn_norm, self.eps), pos)
+        # linears and the MLP run in self.dtype; the residual stream x stays float32
+        h = self.attention(layer, rms_norm(x, layer.attn_norm, self.eps, self.dtype), pos)
         if layer.attn_post_norm is not None:
             h = rms_norm(h, layer.attn_post_norm, self.eps)
         x = x + h
-        gate, up = layer.gate_up(rms_norm(x, layer.mlp_norm, self.eps)).chunk(2, dim=-1)
+        normed = rms_norm(x, layer.mlp_norm, self.eps, self.dtype)
+        gate, up = layer.gate_up(normed).chunk(2, dim=-1)
         h = layer.down(self.act(gate) * up)
         if layer.mlp_post_norm is not None:
             h = rms_norm(h, layer.mlp_post_norm, self.eps)
@@ -261,7 +292,7 @@ def build_engine(dec: Decoder, ext):
     ok = all(isinstance(m, cpu.EngineInt4Linear) for m in linears) and dec.vocab.tied
     act = getattr(dec.config, "hidden_act", None) or getattr(dec.config, "hidden_activation", "")
     ok = ok and isinstance(head, cpu.Int8Linear | cpu.EngineInt4Linear)
-    ok = ok and head.in_features % 16 == 0 and head.out_features % 4 == 0
+    ok = ok and head.in_features % 64 == 0 and head.out_features % 4 == 0
     ok = ok and all(layer.head_dim % 16 == 0 for layer in dec.layers)
     if not ok or act not in ("silu", "gelu_pytorch_tanh"):
         return None
@@ -269,12 +300,12 @@ def build_engine(dec: Decoder, ext):
     if isinstance(head, cpu.Int8Linear):
         eng.set_head_i8(head.qweight, head.scale.float())
     else:
-        eng.set_head_q4(head.packed, head.sz, head.group)
+        eng.set_head_q4(*head.q4())
     for layer in dec.layers:
         lins = (layer.qkv, layer.o, layer.gate_up, layer.down)
         norms = [layer.attn_norm, layer.attn_post_norm, layer.mlp_norm, layer.mlp_post_norm]
         eng.add_layer(
-            [t for m in lins for t in (m.packed, m.sz)],
+            [t for m in lins for t in m.q4()[:3]],
             [m.group for m in lins],
             [m.bias for m in lins],
             [*norms, layer.q_norm, layer.k_norm],

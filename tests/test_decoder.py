@@ -122,18 +122,19 @@ def test_chat_turns_reuse_the_cache(tokenizer):
 
 @pytest.mark.skipif(not engine.cpu_supported(), reason="the C++ engine needs AVX512-BF16")
 @pytest.mark.parametrize("arch", MODELS)
-def test_cpp_engine_is_as_close_to_exact_as_the_torch_kernels(arch):
+@pytest.mark.parametrize("prompt", [20, 180])  # 180: attention split over threads, merged
+def test_cpp_engine_is_as_close_to_exact_as_the_torch_kernels(arch, prompt):
     """Decode steps of the C++ engine and of the torch kernels, against float32 reference math."""
     model = quantized(lambda: MODELS[arch]())
-    ids = torch.randint(0, 320, (1, 40))  # 20 decode steps pass gemma3's window of 16
-    with_engine, torch_only = Decoder(model, 64), Decoder(model, 64, kernel="torch")
-    exact = Decoder(model, 64, kernel="reference", dtype=torch.float32, lm_head="bf16")
+    ids = torch.randint(0, 320, (1, prompt + 20))  # 20 decode steps pass gemma3's window of 16
+    with_engine, torch_only = Decoder(model, 256), Decoder(model, 256, kernel="torch")
+    exact = Decoder(model, 256, kernel="reference", dtype=torch.float32, lm_head="bf16")
     assert with_engine.engine is not None and torch_only.engine is None
     decoders = (with_engine, torch_only, exact)
     for dec in decoders:
-        dec(ids[:, :20], 0)
+        dec(ids[:, :prompt], 0)
     errs = []
-    for t in range(20, 40):
+    for t in range(prompt, prompt + 20):
         a, b, ref = (dec(ids[:, t : t + 1], t) for dec in decoders)
         errs.append([((x - ref).norm() / ref.norm()).item() for x in (a, b)])
     errs = torch.tensor(errs)  # [steps, (engine, torch)]

@@ -138,30 +138,44 @@ def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
     return both.reshape(nb * Q4_ROWS, k8 * 8).to(torch.uint8)
 
 
-def q4_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    # scale/zero [N, ng] -> [N/64, ng, 2, 64] float32 (s, c): w = (q - z) s = (128 + q) s + c
+def q4_params(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # scale/zero [N, ng] -> scale fp16, zero uint8, each [N/64, ng, 64] (w = (q - z) * s)
+    n, ng = scale.shape
+
+    def blocked(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(n // Q4_ROWS, Q4_ROWS, ng).transpose(1, 2).contiguous()
+
+    return blocked(scale.half()), blocked(zero.to(torch.uint8))
+
+
+def q4_exact(scale: torch.Tensor, zero: torch.Tensor) -> bool:
+    """Whether fp16 scales and uint8 zeros hold these qparams exactly."""
     s, z = scale.float(), zero.float()
-    sc = torch.stack((s, -(128.0 + z) * s), dim=-1)  # [N, ng, 2]
-    n, ng = s.shape
-    return sc.view(n // Q4_ROWS, Q4_ROWS, ng, 2).permute(0, 2, 3, 1).contiguous()
+    return torch.equal(s.half().float(), s) and torch.equal(z.round().clamp(0, 255), z)
 
 
 class EngineInt4Linear(nn.Module):
     """2- to 4-bit weights in edgequant's int4 layout, run by the C++ extension.
 
-    Up to GEMV_ROWS rows: one exact GEMV per row (float32 results, ~3e-6 relative); more rows:
-    the weight dequantized to bf16 in C++ once per call, then a dense bf16 matmul.
+    Scales are fp16 and zeros uint8 (3 bytes per row and group; checkpoints store fp16
+    scales, so this is exact). Up to GEMV_ROWS rows: one GEMV per row, near float32 math;
+    more rows: the weight dequantized to bf16 in C++ once per call, then a bf16 matmul.
     """
 
     GEMV_ROWS = 2
 
-    def __init__(self, packed: torch.Tensor, sz: torch.Tensor, group: int, ext, bias=None):
+    def __init__(self, packed, scale, zero, group: int, ext, bias=None):
         super().__init__()
         self.out_features, self.in_features = packed.shape[0] * Q4_ROWS, packed.shape[1] * 8
         self.group, self.ext = group, ext
         self.register_buffer("packed", packed)
-        self.register_buffer("sz", sz)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
         self.register_buffer("bias", None if bias is None else bias.float())
+
+    def q4(self) -> tuple:
+        """(packed, scale, zero, group): the arguments of the extension's int4 functions."""
+        return self.packed, self.scale, self.zero, self.group
 
     @staticmethod
     def takes(cfg: QuantConfig, n: int, k: int) -> bool:
@@ -174,11 +188,11 @@ class EngineInt4Linear(nn.Module):
         n, k = codes.shape
         if not cls.takes(cfg, n, k):
             raise ValueError(f"int4 layout cannot take w{cfg.bits} g{cfg.group_size} [{n}, {k}]")
-        return cls(pack_q4(codes), q4_scales(scale, zero), cfg.group_len(k), ext, bias)
+        return cls(pack_q4(codes), *q4_params(scale, zero), cfg.group_len(k), ext, bias)
 
     def dequantized(self) -> torch.Tensor:
         # -> w [N, K] bf16, the weight the prefill matmul uses
-        return self.ext.q4_dequant_t(self.packed, self.sz, self.group).t()
+        return self.ext.q4_dequant_t(*self.q4()).t()
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         # ids [T] -> [T, K] float32: rows of the weight (an embedding lookup on a tied head)
@@ -186,16 +200,17 @@ class EngineInt4Linear(nn.Module):
         d = self.packed[unit, :, lane].unsqueeze(-1)  # [T, K/8, 1]
         shift = torch.arange(4, dtype=torch.int32) * 4
         q = torch.stack(((d >> shift) & 15, (d >> (shift + 16)) & 15), dim=-1)
-        sz = self.sz[unit, :, :, lane].repeat_interleave(self.group, dim=1)  # [T, K, 2]
-        return (128.0 + q.reshape(ids.shape[0], -1).float()) * sz[..., 0] + sz[..., 1]
+        s = self.scale[unit, :, lane].float().repeat_interleave(self.group, dim=1)  # [T, K]
+        z = self.zero[unit, :, lane].float().repeat_interleave(self.group, dim=1)
+        return (q.reshape(ids.shape[0], -1).float() - z) * s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N] in x.dtype
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] <= self.GEMV_ROWS:
-            y = self.ext.q4_gemv(self.packed, self.sz, self.group, x2, self.bias)
+            y = self.ext.q4_gemv(*self.q4(), x2, self.bias)
         else:
-            wt = self.ext.q4_dequant_t(self.packed, self.sz, self.group)  # [K, N]
+            wt = self.ext.q4_dequant_t(*self.q4())  # [K, N]
             y = x2.to(torch.bfloat16) @ wt
             if self.bias is not None:
                 y = y + self.bias
@@ -264,7 +279,7 @@ def fast_linear(codes, scale, zero, cfg: QuantConfig, bias=None, ext=None) -> nn
     ext: the loaded C++ extension (edgequant.kernels.engine.load()), or None for torch's ops.
     """
     n, k = codes.shape
-    if ext is not None and EngineInt4Linear.takes(cfg, n, k):
+    if ext is not None and EngineInt4Linear.takes(cfg, n, k) and q4_exact(scale, zero):
         return EngineInt4Linear.from_codes(codes, scale, zero, cfg, ext, bias)
     if int4_group(cfg, k) is not None and n % BLOCK_N == 0:
         return Int4Linear.from_codes(codes, scale, zero, cfg, bias)

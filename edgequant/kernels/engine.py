@@ -1,6 +1,6 @@
 """Build (once, cached) and load the C++ decode engine; None where this CPU or compiler can't.
 
-The engine needs AVX512-BF16 and a C++ compiler; it is compiled on first use with torch's
+The engine needs AVX512-BF16 and VNNI and a C++ compiler; it is compiled on first use with torch's
 cpp_extension into $EDGEQUANT_CACHE/build/<hash> (about a minute), then loads in well under a
 second. Everything it computes has a pure-torch path (edgequant.kernels.cpu), which tests
 compare it against.
@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "engine.cpp"
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 
 
 def cpu_supported() -> bool:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return all(f in flags for f in ("avx512bw", "avx512_bf16"))
+    return all(f in flags for f in ("avx512bw", "avx512_bf16", "avx512_vnni"))
 
 
 @cache
