@@ -5,7 +5,8 @@
 Every measurement runs in its own process (so peak RSS is its own), on the same 512-token
 prompt, 128 greedy new tokens, medians of --runs after a warm-up:
   edgequant  `edgequant bench` on the W4 AWQ checkpoint (g64 SmolLM2, g128 Gemma), made here
-             once and cached under $EDGEQUANT_CACHE/bench/
+             once and cached under $EDGEQUANT_CACHE/bench/; tied lm_head int8 (default) and
+             4-bit g32 ("-head4", like the Q4_0 GGUF, whose token_embd is Q4_0 too)
   hf-fp32/bf16  transformers generate() on the float model (the dequantized GGUF weights)
   llama.cpp  llama-cpp-python (when installed) on a Q4_0 GGUF requantized with gguf-py from
              the model's own GGUF (the weights edgequant's float model comes from)
@@ -61,10 +62,10 @@ def worker_hf(model: str, dtype: str, runs: int) -> dict:
     }
 
 
-def worker_edgequant(path: str, runs: int) -> dict:
+def worker_edgequant(path: str, lm_head: str, runs: int) -> dict:
     from edgequant.bench import bench, load_decoder
 
-    dec, tok = load_decoder(path, PROMPT + NEW + 8)
+    dec, tok = load_decoder(path, PROMPT + NEW + 8, lm_head=lm_head)
     return bench(dec, tok, PROMPT, NEW, runs) | {"engine": dec.engine is not None}
 
 
@@ -158,7 +159,9 @@ def run_worker(args: list[str], threads: int, runs: int) -> dict:
 
 
 def measure(model: str, threads: int, runs: int) -> dict:
-    rows = {"edgequant-w4": run_worker(["edgequant", str(w4_checkpoint(model))], threads, runs)}
+    ckpt = str(w4_checkpoint(model))
+    rows = {"edgequant-w4": run_worker(["edgequant", ckpt, "int8"], threads, runs)}
+    rows["edgequant-w4-head4"] = run_worker(["edgequant", ckpt, "int4"], threads, runs)
     for dtype in ("float32", "bfloat16"):
         rows[f"hf-{dtype}"] = run_worker(["hf", model, dtype], threads, runs)
     try:
