@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "engine.cpp"
+HEADERS = (Path(__file__).parent / "csrc" / "kernels.h",)
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 
 
@@ -31,7 +32,8 @@ def load():
 
     if not cpu_supported():
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    code = b"".join(f.read_bytes() for f in (SOURCE, *HEADERS))
+    digest = hashlib.sha256(code + torch.__version__.encode()).hexdigest()[:16]
     build = cache_dir() / "build" / f"engine-{digest}"
     build.mkdir(parents=True, exist_ok=True)
     try:
