@@ -8,8 +8,9 @@ prompt, 128 greedy new tokens, medians of --runs after a warm-up:
              once and cached under $EDGEQUANT_CACHE/bench/; tied lm_head int8 (default) and
              4-bit g32 ("-head4", like the Q4_0 GGUF, whose token_embd is Q4_0 too)
   hf-fp32/bf16  transformers generate() on the float model (the dequantized GGUF weights)
-  llama.cpp  llama-cpp-python (when installed) on a Q4_0 GGUF requantized with gguf-py from
-             the model's own GGUF (the weights edgequant's float model comes from)
+  llama.cpp  llama-cpp-python (built from source once and cached, see ensure_llama_cpp) on a
+             Q4_0 GGUF requantized with gguf-py from the model's own GGUF (the weights
+             edgequant's float model comes from)
 Writes benchmarks/results/speed.json and speed.md with tok/s and ratios.
 """
 
@@ -164,14 +165,40 @@ def measure(model: str, threads: int, runs: int) -> dict:
     rows["edgequant-w4-head4"] = run_worker(["edgequant", ckpt, "int4"], threads, runs)
     for dtype in ("float32", "bfloat16"):
         rows[f"hf-{dtype}"] = run_worker(["hf", model, dtype], threads, runs)
+    if ensure_llama_cpp():
+        gguf = str(q4_0_gguf(model))
+        rows["llama.cpp-q4_0"] = run_worker(["llamacpp", gguf], threads, runs)
+    else:
+        rows["llama.cpp-q4_0"] = {"error": "llama-cpp-python could not be built"}
+    return rows
+
+
+def ensure_llama_cpp() -> bool:
+    """Import llama-cpp-python, building it from PyPI's source once (about 15 minutes on 2
+    cores, for this CPU: GGML_NATIVE) into a wheel cached under $EDGEQUANT_CACHE/wheels."""
     try:
         import llama_cpp  # noqa: F401
 
-        gguf = str(q4_0_gguf(model))
-        rows["llama.cpp-q4_0"] = run_worker(["llamacpp", gguf], threads, runs)
+        return True
     except ImportError:
-        rows["llama.cpp-q4_0"] = {"error": "llama-cpp-python is not installed"}
-    return rows
+        pass
+    from edgequant.zoo import cache_dir
+
+    wheels = cache_dir() / "wheels"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet"]
+    if not list(wheels.glob("llama_cpp_python-*.whl")):
+        print("building llama-cpp-python (once, cached in", wheels, ")", file=sys.stderr)
+        env = {**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF"}
+        cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels)]
+        if subprocess.run([*cmd, "llama-cpp-python>=0.3"], env=env).returncode:
+            return False
+    wheel = sorted(wheels.glob("llama_cpp_python-*.whl"))[-1]
+    if subprocess.run([*pip, str(wheel)]).returncode:  # pulls its small pure-Python deps
+        return False
+    import importlib
+
+    importlib.invalidate_caches()
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def render(results: dict) -> str:
