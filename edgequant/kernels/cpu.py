@@ -129,13 +129,18 @@ def pack_q4(codes: torch.Tensor) -> torch.Tensor:
     return dword.transpose(1, 2).contiguous()  # disjoint bits: the sum is the bitwise or
 
 
+def dword_codes(d: torch.Tensor) -> torch.Tensor:
+    # d [...] int32 dwords of the int4 layout -> [..., 8] int32 codes of columns k..k+7
+    shift = torch.arange(4, dtype=torch.int32) * 4
+    d = d.unsqueeze(-1)
+    return torch.stack(((d >> shift) & 15, (d >> (shift + 16)) & 15), dim=-1).flatten(-2)
+
+
 def unpack_q4(packed: torch.Tensor) -> torch.Tensor:
     # packed [N/64, K/8, 64] int32 -> codes [N, K] uint8
     nb, k8, _ = packed.shape
-    shift = torch.arange(4, dtype=torch.int32) * 4
-    p = packed.transpose(1, 2).unsqueeze(-1)  # [N/64, 64, K/8, 1]
-    both = torch.stack(((p >> shift) & 15, (p >> (shift + 16)) & 15), dim=-1)
-    return both.reshape(nb * Q4_ROWS, k8 * 8).to(torch.uint8)
+    codes = dword_codes(packed.transpose(1, 2))  # [N/64, 64, K/8, 8]
+    return codes.reshape(nb * Q4_ROWS, k8 * 8).to(torch.uint8)
 
 
 def q4_params(scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,9 +202,7 @@ class EngineInt4Linear(nn.Module):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         # ids [T] -> [T, K] float32: rows of the weight (an embedding lookup on a tied head)
         unit, lane = ids // Q4_ROWS, ids % Q4_ROWS
-        d = self.packed[unit, :, lane].unsqueeze(-1)  # [T, K/8, 1]
-        shift = torch.arange(4, dtype=torch.int32) * 4
-        q = torch.stack(((d >> shift) & 15, (d >> (shift + 16)) & 15), dim=-1)
+        q = dword_codes(self.packed[unit, :, lane])  # [T, K/8, 8]
         s = self.scale[unit, :, lane].float().repeat_interleave(self.group, dim=1)  # [T, K]
         z = self.zero[unit, :, lane].float().repeat_interleave(self.group, dim=1)
         return (q.reshape(ids.shape[0], -1).float() - z) * s
