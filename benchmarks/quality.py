@@ -84,7 +84,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     if "fp" in args.methods:
         record(model, 16, -1, "fp", 0.0)
     for bits, group in CONFIGS[name]:
-        if bits not in args.bits:
+        if bits not in args.bits or args.group not in (None, group):
             continue
         q = QuantConfig(bits, group, zero_point=True)
         for label in args.methods:
@@ -177,6 +177,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--methods", default="fp," + ",".join(m for m in METHODS if m != "awq-exact"))
     p.add_argument("--bits", default="4,3,2", help="which of each model's configs to run")
+    p.add_argument("--group", type=int, help="only the configs with this group size")
     p.add_argument("--exact-only", action="store_true", help="only the exact-search W3 rows")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = p.parse_args()
