@@ -132,7 +132,7 @@ class Vocab(nn.Module):
         if mode == "int4":
             if ext is None and not exact:
                 raise EdgequantError(
-                    "lm_head int4 needs the C++ extension (AVX512-BF16, a compiler)"
+                    "lm_head int4 needs the C++ extension (AVX512-BF16 and VNNI, a compiler)"
                 )
             codes, sc, zero = unsigned_codes(w.float(), HEAD_INT4)
             self.head = (

@@ -120,7 +120,7 @@ def test_chat_turns_reuse_the_cache(tokenizer):
     assert again.tokens == second.tokens
 
 
-@pytest.mark.skipif(not engine.cpu_supported(), reason="the C++ engine needs AVX512-BF16")
+@pytest.mark.skipif(not engine.cpu_supported(), reason="the C++ engine needs AVX512-BF16/VNNI")
 @pytest.mark.parametrize("arch", MODELS)
 @pytest.mark.parametrize("prompt", [20, 180])  # 180: attention split over threads, merged
 def test_cpp_engine_is_as_close_to_exact_as_the_torch_kernels(arch, prompt):
@@ -142,7 +142,7 @@ def test_cpp_engine_is_as_close_to_exact_as_the_torch_kernels(arch, prompt):
     assert errs[:, 0].mean() <= 1.1 * errs[:, 1].mean()
 
 
-@pytest.mark.skipif(not engine.cpu_supported(), reason="the C++ engine needs AVX512-BF16")
+@pytest.mark.skipif(not engine.cpu_supported(), reason="the C++ engine needs AVX512-BF16/VNNI")
 @pytest.mark.parametrize("arch", MODELS)
 def test_int4_lm_head_matches_its_reference(arch):
     """The 4-bit tied head: engine decode steps and embedding rows against float32 math."""

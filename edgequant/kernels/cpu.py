@@ -1,6 +1,6 @@
 """Fused low-bit CPU kernels for weight-only quantized linears (W4A16, W8A16).
 
-Where the C++ extension builds (edgequant.kernels.engine: AVX512-BF16 and a compiler),
+Where the C++ extension builds (edgequant.kernels.engine: AVX512-BF16/VNNI, a compiler),
 2- to 4-bit weights live in edgequant's own int4 layout (`pack_q4`) as `EngineInt4Linear`:
 one or two rows run the extension's exact GEMV, more rows dequantize to bf16 in C++ once per
 call and run a dense bf16 matmul. Elsewhere `Int4Linear` keeps torch's fused op:
@@ -65,8 +65,7 @@ def int4_scales_zeros(
 class Int4Linear(nn.Module):
     """Weights as 4-bit codes in the fused op's layout; bf16 activations inside.
 
-    sz holds the exact float32 (scale, zf) pairs, which the C++ engine reads; torch's op and
-    the prefill path use their bf16 rounding, sz_bf16.
+    sz holds the (scale, zf) pairs in bf16, the precision torch's op takes.
     """
 
     def __init__(self, packed: torch.Tensor, sz: torch.Tensor, group: int, bias=None):
@@ -74,8 +73,7 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = packed.shape[1] * 2, packed.shape[0]
         self.group = group
         self.register_buffer("packed", packed)
-        self.register_buffer("sz", sz.float())
-        self.register_buffer("sz_bf16", sz.bfloat16(), persistent=False)
+        self.register_buffer("sz", sz.bfloat16())
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
 
     @classmethod
@@ -98,7 +96,7 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         # -> w [N, K] bf16, the weight the fused op computes with
         q = unpack_int4(self.packed).view(self.out_features, -1, self.group)
-        sz = self.sz_bf16.transpose(0, 1).unsqueeze(-2)  # [N, K/g, 1, 2]
+        sz = self.sz.transpose(0, 1).unsqueeze(-2)  # [N, K/g, 1, 2]
         w = (q.to(torch.bfloat16) - 8) * sz[..., 0] + sz[..., 1]
         return w.view(self.out_features, self.in_features)
 
@@ -106,9 +104,7 @@ class Int4Linear(nn.Module):
         # x [..., K] -> [..., N] in x.dtype
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if x2.shape[0] < PREFILL_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self.packed, self.group, self.sz_bf16
-            )
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.sz)
         else:
             y = F.linear(x2, self.dequantized())
         if self.bias is not None:
