@@ -3,7 +3,8 @@
     python benchmarks/awq_variants.py --variants default,duo,sym,noclip --bits 3 --group 64
 
 Each variant quantizes a fresh float SmolLM2-135M (pydocs calibration, 128 x 512) and is
-evaluated on the first --max-windows 2048-token windows of Pride and Prejudice. Writes
+evaluated on the first --max-windows 2048-token windows of each --texts source (default:
+Pride and Prejudice and the held-out pydocs reference/faq text). Writes
 benchmarks/results/awq_variants.json and prints a table with the RTN and FP references.
 """
 
@@ -30,6 +31,7 @@ VARIANTS = {
     "gram32k": AWQConfig(gram_tokens=32768),
     "clip8k": AWQConfig(clip_tokens=8192),
     "fp32": AWQConfig(bf16_matmul=False),
+    "clipgrid40": AWQConfig(clip_grid=40),
     "exact": AWQConfig(search="exact"),
 }
 
@@ -40,17 +42,20 @@ def main() -> None:
     p.add_argument("--variants", default="default,duo,sym,noclip")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--group", type=int, default=64)
-    p.add_argument("--text", default="austen")
+    p.add_argument("--texts", default="austen,pydocs")
     p.add_argument("--calib", default="pydocs", help="calibration text source")
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/awq_variants.json")
     a = p.parse_args()
     q = QuantConfig(a.bits, a.group)
     model, tok = load(a.model)
-    ids = evaluation_ids(tok, get_source(a.text))
+    texts = a.texts.split(",")
+    ids = {t: evaluation_ids(tok, get_source(t)) for t in texts}
 
-    def ppl(m) -> float:
-        return perplexity(m, tok, ids, 2048, a.max_windows, progress=False).ppl
+    def ppl(m) -> dict[str, float]:
+        return {
+            t: perplexity(m, tok, ids[t], 2048, a.max_windows, progress=False).ppl for t in texts
+        }
 
     rows = [{"variant": "fp", "ppl": ppl(model), "seconds": 0.0}]
     model, tok = load(a.model)
@@ -62,17 +67,19 @@ def main() -> None:
         calib = CalibConfig(source=a.calib)
         quantize_model(model, tok, "awq", quant=q, awq=VARIANTS[name], calib=calib)
         rows.append({"variant": name, "ppl": ppl(model), "seconds": time.perf_counter() - t0})
-        print(f"{name}: {rows[-1]['ppl']:.3f}", flush=True)
+        print(f"{name}: {rows[-1]['ppl']}", flush=True)
     fp, rtn = rows[0]["ppl"], rows[1]["ppl"]
     for r in rows:
-        r["gap_closed"] = (rtn - r["ppl"]) / (rtn - fp)
-    out = {"model": a.model, "bits": a.bits, "group_size": a.group, "text": a.text,
+        r["gap_closed"] = {t: (rtn[t] - r["ppl"][t]) / (rtn[t] - fp[t]) for t in texts}
+    out = {"model": a.model, "bits": a.bits, "group_size": a.group, "texts": texts,
            "calib": a.calib,
            "max_windows": a.max_windows, "rows": rows}  # fmt: skip
     atomic_write_text(a.out, json.dumps(out, indent=2) + "\n")
-    print("| variant | ppl | RTN-FP gap closed | quant s |\n|---|---|---|---|")
+    head = " | ".join(f"ppl {t} | gap closed {t}" for t in texts)
+    print(f"| variant | {head} | quant s |\n|---|{'---|---|' * len(texts)}---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['ppl']:.3f} | {r['gap_closed']:.0%} | {r['seconds']:.0f} |")
+        cells = " | ".join(f"{r['ppl'][t]:.3f} | {r['gap_closed'][t]:.0%}" for t in texts)
+        print(f"| {r['variant']} | {cells} | {r['seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -20,10 +20,20 @@ PROMPT_TEXT = (
 
 
 def load_decoder(name_or_path: str, max_seq: int, kernel: str = "cpu", lm_head: str = "int8"):
-    """(Decoder, tokenizer); the HF model it was built from is released."""
-    from edgequant.zoo import load
+    """(Decoder, tokenizer); the model it was built from is released.
 
-    model, tok = load(name_or_path)
+    A packed checkpoint is read as a bare module tree (edgequant.skeleton), without the HF
+    model classes; anything else through edgequant.zoo.load.
+    """
+    from edgequant.skeleton import NotLean, load_skeleton
+    from edgequant.zoo import load, load_tokenizer, packed_dir
+
+    model = None
+    if (where := packed_dir(name_or_path)) is not None:
+        with contextlib.suppress(NotLean):
+            model, tok = load_skeleton(where), load_tokenizer(where, lean=True)
+    if model is None:
+        model, tok = load(name_or_path)
     dec = Decoder(model, max_seq, kernel=kernel, lm_head=lm_head).eval()
     del model
     gc.collect()

@@ -175,7 +175,7 @@ def read_quant_config(qc: dict, where: Path) -> tuple[str, QuantConfig]:
     )
 
 
-class _Tensors:
+class Tensors:
     """Tensor names -> shard files of a checkpoint directory, read memory-mapped on demand."""
 
     def __init__(self, path: Path):
@@ -206,8 +206,21 @@ class _Tensors:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
+    def _file(self, name: str) -> Path:
+        if name not in self.weight_map:
+            raise EdgequantError(f"{self.path}: tensor {name} is missing")
+        return self.path / self.weight_map[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file = self._file(name)
+        try:
+            with safe_open(file, "pt") as f:
+                return tuple(f.get_slice(name).get_shape())
+        except Exception as e:
+            raise EdgequantError(f"cannot read tensor {name} from {file}: {e}") from None
+
     def get(self, name: str) -> torch.Tensor:
-        file = self.path / self.weight_map[name]
+        file = self._file(name)
         try:
             with safe_open(file, "pt") as f:
                 return f.get_tensor(name)
@@ -215,11 +228,11 @@ class _Tensors:
             raise EdgequantError(f"cannot read tensor {name} from {file}: {e}") from None
 
 
-def _load_linear(t: _Tensors, fmt: str, cfg: QuantConfig, name: str, lin: nn.Linear) -> dict:
-    """Validated (codes, scale, zero[, bias]) state of one quantized linear."""
-    where = t.path / t.weight_map[f"{name}.{_MARKER[fmt]}"]
+def load_linear(t: Tensors, fmt: str, cfg: QuantConfig, name: str, out: int, n_in: int) -> dict:
+    """Validated (codes, scale, zero[, bias]) state of one quantized [out, n_in] linear."""
+    where = t.path / t.weight_map[f"{name}.{MARKER[fmt]}"]
     try:
-        shapes = expected_shapes(fmt, cfg, lin.out_features, lin.in_features)
+        shapes = expected_shapes(fmt, cfg, out, n_in)
     except EdgequantError as e:
         raise EdgequantError(f"{where}: {name}: {e}") from None
     parts = {}
@@ -231,16 +244,16 @@ def _load_linear(t: _Tensors, fmt: str, cfg: QuantConfig, name: str, lin: nn.Lin
         if tuple(parts[suffix].shape) != shape:
             raise EdgequantError(
                 f"{where}: tensor {key} has shape {tuple(parts[suffix].shape)}, expected {shape} "
-                f"for w{cfg.bits} g{cfg.group_size} {lin.out_features}x{lin.in_features}"
+                f"for w{cfg.bits} g{cfg.group_size} {out}x{n_in}"
             )
-    codes, scale, zero = decode(fmt, parts, cfg, lin.out_features, lin.in_features)
+    codes, scale, zero = decode(fmt, parts, cfg, out, n_in)
     state = {"codes": codes, "scale": scale, "zero": zero}
-    if lin.bias is not None:
+    if f"{name}.bias" in t:
         state["bias"] = t.get(f"{name}.bias")
     return state
 
 
-_MARKER = {"awq": "qweight", "compressed-tensors": "weight_packed", "edgequant": "qweight"}
+MARKER = {"awq": "qweight", "compressed-tensors": "weight_packed", "edgequant": "qweight"}
 
 
 def quant_method(path: Path) -> str | None:
@@ -260,7 +273,7 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
         raise EdgequantError(f"{path} is not a checkpoint directory (no config.json)")
     raw = json.loads((path / "config.json").read_text())
     fmt, cfg = read_quant_config(raw.get("quantization_config") or {}, path / "config.json")
-    tensors = _Tensors(path)
+    tensors = Tensors(path)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -268,9 +281,11 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config)
     state = {}
     for name, lin in list(model.named_modules()):
-        if isinstance(lin, nn.Linear) and f"{name}.{_MARKER[fmt]}" in tensors:
-            parts = _load_linear(tensors, fmt, cfg, name, lin)
-            q = QuantLinear(lin.in_features, lin.out_features, lin.bias is not None, cfg, "meta")
+        if isinstance(lin, nn.Linear) and f"{name}.{MARKER[fmt]}" in tensors:
+            parts = load_linear(tensors, fmt, cfg, name, lin.out_features, lin.in_features)
+            if (lin.bias is not None) != ("bias" in parts):
+                raise EdgequantError(f"{path}: {name}.bias is missing or unexpected")
+            q = QuantLinear(lin.in_features, lin.out_features, "bias" in parts, cfg, "meta")
             model.set_submodule(name, q)
             state.update({f"{name}.{k}": v for k, v in parts.items()})
     if not state:

@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import ACT2FN
 
 from edgequant.arch import ARCHS, ArchSpec, arch_for, blocks_of
 from edgequant.config import QuantConfig
@@ -28,6 +27,11 @@ KERNELS = ("cpu", "torch", "reference")  # cpu: the C++ extension where it loads
 QUANT_BUFFERS = ("codes", "scale", "zero")
 HEADS = ("int8", "int4", "bf16")
 HEAD_INT4 = QuantConfig(4, 32)  # the int4 lm_head: asymmetric, groups of 32 (like GGUF Q4_0/1)
+ACTIVATIONS = {  # HF config activation names -> the function
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
 
 
 def fused_linear(mods: list[nn.Module], kernel: str, dtype: torch.dtype, ext=None) -> nn.Module:
@@ -191,7 +195,10 @@ class Decoder(nn.Module):
         cfg, d = model.config, spec.decode
         self.config, self.dtype, self.eps = cfg, dtype, cfg.rms_norm_eps
         self.max_seq = min(max_seq, cfg.max_position_embeddings)
-        self.act = ACT2FN[getattr(cfg, d.act)]
+        act = getattr(cfg, d.act)
+        if act not in ACTIVATIONS:
+            raise EdgequantError(f"activation {act!r} is not one of {', '.join(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[act]
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         ext = engine.load() if kernel == "cpu" else None
         self.layers = nn.ModuleList(

@@ -105,6 +105,22 @@ def encode(fmt: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     }
 
 
+def linear_dims(fmt: str, cfg: QuantConfig, shape, tensor) -> tuple[int, int] | None:
+    """(out, in) of a packed linear from its own tensors, or None where the layout leaves
+    in_features ambiguous (edgequant's per-channel bit streams are padded to whole words).
+
+    shape(suffix) -> the tensor's shape; tensor(suffix) -> the tensor.
+    """
+    if fmt == "awq":
+        return shape("scales")[1], shape("qweight")[0]
+    if fmt == "compressed-tensors":
+        out, n_in = tensor("weight_shape").tolist()
+        return out, n_in
+    if cfg.group_size <= 0:
+        return None
+    return shape("qweight")[0], shape("scales")[1] * cfg.group_size
+
+
 def expected_shapes(fmt: str, cfg: QuantConfig, out: int, n_in: int) -> dict[str, tuple]:
     b, ng = cfg.bits, cfg.groups_for(n_in)
     if fmt == "awq":

@@ -116,18 +116,40 @@ def resolve(name_or_path: str) -> str:
     )
 
 
-def load(name_or_path: str):
-    """Load (model in float32, eval mode; tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from edgequant.checkpoint import load_quantized, quant_method
+def packed_dir(name_or_path: str) -> str | None:
+    """The directory if name_or_path is a packed checkpoint edgequant reads, else None."""
+    from edgequant.checkpoint import quant_method
     from edgequant.formats import FORMATS
 
     where = resolve(name_or_path)
+    return where if Path(where).is_dir() and quant_method(Path(where)) in FORMATS else None
+
+
+def load_tokenizer(where: str, lean: bool = False):
+    """The model's tokenizer. lean: straight from tokenizer.json through the tokenizers
+    backend where there is one (AutoTokenizer's imports alone hold ~60 MB of memory)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cls = AutoTokenizer
+    if lean and (Path(where) / "tokenizer.json").is_file():
+        cls = PreTrainedTokenizerFast
     try:
-        tok = AutoTokenizer.from_pretrained(where)
-        if Path(where).is_dir() and quant_method(Path(where)) in FORMATS:
-            return load_quantized(where), tok
+        return cls.from_pretrained(where)
+    except OSError as e:
+        raise EdgequantError(f"cannot load model {where!r}: {str(e).splitlines()[0]}") from None
+
+
+def load(name_or_path: str):
+    """Load (model in float32, eval mode; tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from edgequant.checkpoint import load_quantized
+
+    where = resolve(name_or_path)
+    tok = load_tokenizer(where)
+    if packed_dir(where) is not None:
+        return load_quantized(where), tok
+    try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
     except OSError as e:
         raise EdgequantError(

@@ -91,3 +91,18 @@ def test_fast_kernels_generate_what_the_reference_does():
         top2 = b.topk(2).values
         if top2[0] - top2[1] > 0.05:
             assert a.argmax() == b.argmax(), i
+
+
+def test_lean_tokenizer_is_autotokenizer_on_smollm2():
+    from transformers import AutoTokenizer
+
+    from edgequant.zoo import load_tokenizer, resolve
+
+    where = resolve("smollm2-135m")
+    lean, full = load_tokenizer(where, lean=True), AutoTokenizer.from_pretrained(where)
+    text = get_source("austen").evaluation[:20000] + get_source("pydocs").evaluation[:20000]
+    assert lean(text)["input_ids"] == full(text)["input_ids"]
+    chat = [{"role": "user", "content": "What is AWQ?"}]
+    kw = {"add_generation_prompt": True, "tokenize": False}
+    assert lean.apply_chat_template(chat, **kw) == full.apply_chat_template(chat, **kw)
+    assert (lean.eos_token_id, lean.bos_token_id) == (full.eos_token_id, full.bos_token_id)
