@@ -27,8 +27,8 @@ KERNELS = ("cpu", "torch", "reference")  # cpu: the C++ extension where it loads
 QUANT_BUFFERS = ("codes", "scale", "zero")
 HEADS = ("int8", "int4", "bf16")
 HEAD_INT4 = QuantConfig(4, 32)  # the int4 lm_head: asymmetric, groups of 32 (like GGUF Q4_0/1)
-ACTIVATIONS = {  # HF config activation names -> the function
-    "silu": F.silu,
+ACTIVATIONS = {  # HF config activation names -> the function (it may overwrite its input)
+    "silu": lambda x: F.silu(x, inplace=True),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
 }
@@ -231,8 +231,9 @@ class Decoder(nn.Module):
         q, k, v = qkv.split((layer.heads, layer.kv_heads, layer.kv_heads), dim=1)
         if layer.q_norm is not None:
             q, k = rms_norm(q, layer.q_norm, self.eps), rms_norm(k, layer.k_norm, self.eps)
-        cos = getattr(self, f"cos_{layer.layer_type}")[pos : pos + t]
-        sin = getattr(self, f"sin_{layer.layer_type}")[pos : pos + t]
+        rt = q.dtype if t > 1 else torch.float32  # a prompt: RoPE in the compute dtype
+        cos = getattr(self, f"cos_{layer.layer_type}")[pos : pos + t].to(rt)
+        sin = getattr(self, f"sin_{layer.layer_type}")[pos : pos + t].to(rt)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         end = pos + t
         layer.write_keys(k, pos)
@@ -240,25 +241,24 @@ class Decoder(nn.Module):
         start = 0 if layer.window is None else max(0, end - layer.window - t + 1)
         keys = layer.keys(start, end)
         values = layer.v_cache[:, :, start:end]
-        # a fresh prompt within the window is plainly causal: no mask tensor, the fused kernel
-        causal = pos == 0 and t > 1 and (layer.window is None or t <= layer.window)
-        mask = None
-        if t > 1 and not causal:
-            qi = torch.arange(pos, end).unsqueeze(1)
-            ki = torch.arange(start, end).unsqueeze(0)
-            mask = ki <= qi
-            if layer.window is not None:
-                mask &= ki > qi - layer.window
         dt = self.dtype if t > 1 else torch.float32  # one token: float32, as the engine computes
-        o = F.scaled_dot_product_attention(
-            q.to(dt),
-            keys.to(dt),
-            values.to(dt),
-            attn_mask=mask,
-            is_causal=causal,
-            scale=layer.scale,
-            enable_gqa=True,
-        )
+        q, keys, values = q.to(dt), keys.to(dt), values.to(dt)
+        if pos == 0 and t > 1 and (layer.window is None or t <= layer.window):
+            # a fresh prompt is plainly causal: no mask tensor, torch's fused flash kernel
+            o = F.scaled_dot_product_attention(
+                q, keys, values, is_causal=True, scale=layer.scale, enable_gqa=True
+            )
+        else:
+            mask = None
+            if t > 1:
+                qi = torch.arange(pos, end).unsqueeze(1)
+                ki = torch.arange(start, end).unsqueeze(0)
+                mask = ki <= qi
+                if layer.window is not None:
+                    mask &= ki > qi - layer.window
+            o = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=layer.scale, enable_gqa=True
+            )
         return layer.o(o.transpose(1, 2).reshape(1, t, -1))
 
     def block(self, layer: Layer, x: torch.Tensor, pos: int) -> torch.Tensor:
@@ -270,7 +270,7 @@ class Decoder(nn.Module):
         x = x + h
         normed = rms_norm(x, layer.mlp_norm, self.eps, self.dtype)
         gate, up = layer.gate_up(normed).chunk(2, dim=-1)
-        h = layer.down(self.act(gate) * up)
+        h = layer.down(self.act(gate).mul_(up))  # in place: gate is a fresh buffer
         if layer.mlp_post_norm is not None:
             h = rms_norm(h, layer.mlp_post_norm, self.eps)
         return x + h
