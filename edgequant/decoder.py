@@ -200,7 +200,7 @@ class Decoder(nn.Module):
             raise EdgequantError(f"activation {act!r} is not one of {', '.join(ACTIVATIONS)}")
         self.act = ACTIVATIONS[act]
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        ext = engine.load() if kernel == "cpu" else None
+        self.ext = ext = engine.load() if kernel == "cpu" else None
         self.layers = nn.ModuleList(
             Layer(b, spec, cfg, i, kernel, dtype, self.max_seq, ext)
             for i, b in enumerate(blocks_of(model, spec))
@@ -244,7 +244,9 @@ class Decoder(nn.Module):
         dt = self.dtype if t > 1 else torch.float32  # one token: float32, as the engine computes
         q, keys, values = q.to(dt), keys.to(dt), values.to(dt)
         if pos == 0 and t > 1 and (layer.window is None or t <= layer.window):
-            # a fresh prompt is plainly causal: no mask tensor, torch's fused flash kernel
+            # a fresh prompt is plainly causal: the engine's kernel, or torch's fused flash one
+            if self.ext is not None and dt == torch.bfloat16 and hd % 16 == 0:
+                return layer.o(self.ext.prefill_attention(q, keys, values, layer.scale))
             o = F.scaled_dot_product_attention(
                 q, keys, values, is_causal=True, scale=layer.scale, enable_gqa=True
             )

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "engine.cpp"
-HEADERS = (Path(__file__).parent / "csrc" / "kernels.h",)
+HEADERS = tuple(Path(__file__).parent / "csrc" / h for h in ("kernels.h", "attention.h"))
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp"]
 
 

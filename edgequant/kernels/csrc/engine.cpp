@@ -6,6 +6,7 @@
 // zeros. The tied lm_head is per-row int8 (VNNI) or in the int4 layout. The residual stream,
 // norms, RoPE, attention and softmax are float32; the KV cache is bf16, keys in blocks of 16
 // positions [1, KV, S/16, hd, 16] and values [1, KV, S, hd], shared with the Python prefill.
+#include "attention.h"
 #include "kernels.h"
 
 namespace {
@@ -323,6 +324,7 @@ torch::Tensor i8_gemv(torch::Tensor q, torch::Tensor s, torch::Tensor x,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_gemv", &q4_gemv);
   m.def("q4_dequant_t", &q4_dequant_t);
+  m.def("prefill_attention", &prefill_attention);
   m.def("i8_gemv", &i8_gemv, "", pybind11::arg("q"), pybind11::arg("s"), pybind11::arg("x"),
         pybind11::arg("rowsum") = pybind11::none());
   m.def("i8_rowsum", &i8_rowsum);
