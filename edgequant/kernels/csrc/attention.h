@@ -60,8 +60,13 @@ void attend_rows(const bf16_t* q, int64_t n, int64_t i0, const bf16_t* kp, const
   for (int64_t r = 0; r < n; ++r) {  // softmax over positions 0..i0+r
     float* sr = s + r * width;
     const int64_t len = i0 + r + 1;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < len; ++j) m = std::max(m, sr[j] * scale);
+    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < len; j += 16) {
+      const int64_t valid = std::min<int64_t>(len - j, 16);
+      const __mmask16 keep = valid == 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+      mx = _mm512_mask_max_ps(mx, keep, mx, _mm512_loadu_ps(sr + j));
+    }
+    const float m = _mm512_reduce_max_ps(mx) * scale;  // scale > 0
     const __m512 mv = _mm512_set1_ps(m), sv = _mm512_set1_ps(scale);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t j = 0; j < width; j += 16) {
@@ -82,10 +87,11 @@ void attend_rows(const bf16_t* q, int64_t n, int64_t i0, const bf16_t* kp, const
       for (int64_t c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t m = 0; m < pairs; ++m) {
       const bf16_t* vm = vp + (m * hd + 16 * c0) * 2;
+      __m512bh a[kRows];
+      for (int64_t r = 0; r < n; ++r) a[r] = bcast_pair(pb + r * width + 2 * m);
       for (int64_t c = 0; c < nc; ++c) {
         const __m512bh vv = (__m512bh)_mm512_loadu_si512(vm + 32 * c);
-        for (int64_t r = 0; r < n; ++r)
-          acc[r][c] = _mm512_dpbf16_ps(acc[r][c], bcast_pair(pb + r * width + 2 * m), vv);
+        for (int64_t r = 0; r < n; ++r) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a[r], vv);
       }
     }
     for (int64_t r = 0; r < n; ++r)
