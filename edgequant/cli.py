@@ -61,6 +61,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--ppl", metavar="TEXT", default="austen")
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
+    p.add_argument(
+        "--compare-to",
+        metavar="MODEL",
+        help="also report mean KL divergence, top-1 agreement and perplexity ratio against "
+        "this (float) model on the same windows",
+    )
     p.add_argument("--json", metavar="FILE")
 
 
@@ -294,9 +300,29 @@ def cmd_eval(a) -> dict:
 
     model, tok = load(a.model)
     summary = {"model": a.model, "perplexity": _ppl(model, tok, a.ppl, a.window, a.max_windows)}
+    out = {"model": a.model, **summary["perplexity"]}
+    if a.compare_to:
+        out["fidelity"] = summary["fidelity"] = _fidelity(model, tok, a)
     if a.json:
-        _write_json(a.json, {"model": a.model, **summary["perplexity"]})
+        _write_json(a.json, out)
     return summary
+
+
+def _fidelity(model, tok, a) -> dict:
+    from edgequant.data import evaluation_ids, get_source
+    from edgequant.evaluate import fidelity
+    from edgequant.zoo import load
+
+    ref, ref_tok = load(a.compare_to)
+    if ref_tok.get_vocab() != tok.get_vocab():
+        raise EdgequantError(f"{a.compare_to} has a different vocabulary than {a.model}")
+    ids = evaluation_ids(tok, get_source(a.ppl))
+    res = fidelity(model, ref, tok, ids, a.window, a.max_windows)
+    print(
+        f"against {a.compare_to}: KL {res.kl:.4f} nats/token, top-1 agreement {res.top1:.1%}, "
+        f"perplexity ratio {res.ppl_ratio:.3f}  [{res.protocol}]"
+    )
+    return {"reference": a.compare_to, **res.to_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:

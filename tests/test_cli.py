@@ -1,6 +1,7 @@
 """Bad input gives one clear line, a non-zero exit and nothing half-written."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -151,3 +152,21 @@ def test_compare_prints_table(capsys, tmp_path, tiny_dir, calib_file):
     rows = json.loads(js.read_text())["rows"]
     assert [r["method"] for r in rows] == ["fp", "rtn", "awq"]
     assert all(next(iter(r["ppl"].values()))["windows"] == 2 for r in rows)
+
+
+def test_eval_compare_to_reports_kl_and_agreement(capsys, tmp_path, tiny_dir, calib_file):
+    out, js = tmp_path / "q", tmp_path / "f.json"
+    argv = quantize_args(tiny_dir(), out, calib_file, "--group-size", "16")
+    assert main([str(a) for a in argv]) == 0
+    common = ["--ppl", str(calib_file), "--max-windows", "2", "--window", "64"]
+    argv = ["eval", str(out), *common, "--compare-to", str(tiny_dir()), "--json", str(js)]
+    assert main([str(a) for a in argv]) == 0
+    fid = json.loads(js.read_text())["fidelity"]
+    assert fid["kl"] > 0 and 0 < fid["top1"] <= 1 and fid["tokens"] == 2 * 63
+    assert math.isclose(fid["ppl"], json.loads(js.read_text())["ppl"], rel_tol=1e-6)
+    assert "top-1 agreement" in capsys.readouterr().out
+    # the float model against itself: no divergence
+    argv = ["eval", str(tiny_dir()), *common, "--compare-to", str(tiny_dir()), "--json", str(js)]
+    assert main([str(a) for a in argv]) == 0
+    fid = json.loads(js.read_text())["fidelity"]
+    assert abs(fid["kl"]) < 1e-6 and fid["top1"] == 1.0 and fid["ppl_ratio"] == 1.0
