@@ -56,9 +56,14 @@ def _add_quantize(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model or quantized directory")
+    p = sub.add_parser("eval", help="perplexity, fidelity or lm-eval tasks of a model")
     p.add_argument("model")
-    p.add_argument("--ppl", metavar="TEXT", default="austen")
+    p.add_argument(
+        "--ppl", metavar="TEXT", help="perplexity text source (default austen without --tasks)"
+    )
+    p.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks")
+    p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs (local tasks)")
+    p.add_argument("--limit", type=int, help="lm-eval: at most this many documents per task")
     p.add_argument("--window", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
     p.add_argument(
@@ -298,14 +303,31 @@ def _ppl(model, tok, text: str, window: int, max_windows) -> dict:
 def cmd_eval(a) -> dict:
     from edgequant.zoo import load
 
-    model, tok = load(a.model)
-    summary = {"model": a.model, "perplexity": _ppl(model, tok, a.ppl, a.window, a.max_windows)}
-    out = {"model": a.model, **summary["perplexity"]}
-    if a.compare_to:
-        out["fidelity"] = summary["fidelity"] = _fidelity(model, tok, a)
+    summary, out = {"model": a.model}, {"model": a.model}
+    if a.ppl or a.compare_to or not a.tasks:
+        a.ppl = a.ppl or "austen"
+        model, tok = load(a.model)
+        summary["perplexity"] = _ppl(model, tok, a.ppl, a.window, a.max_windows)
+        out |= summary["perplexity"]
+        if a.compare_to:
+            out["fidelity"] = summary["fidelity"] = _fidelity(model, tok, a)
+        del model
+    if a.tasks:
+        out["tasks"] = summary["tasks"] = _tasks(a)
     if a.json:
         _write_json(a.json, out)
     return summary
+
+
+def _tasks(a) -> dict:
+    from edgequant.harness import evaluate
+
+    tasks = [t for t in a.tasks.split(",") if t]
+    res = evaluate(a.model, tasks, a.include_path, a.limit)["results"]
+    for task, metrics in res.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}")
+    return res
 
 
 def _fidelity(model, tok, a) -> dict:
