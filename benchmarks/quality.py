@@ -45,6 +45,7 @@ METHODS = {
     "gptq-act": ("gptq", None, GPTQConfig(act_order=True)),
     "awq+gptq": ("awq+gptq", AWQConfig(), GPTQConfig()),
     "awq-exact": ("awq", AWQConfig(search="exact"), None),
+    "awq-clipall": ("awq", AWQConfig(clip_all=True), None),
 }
 INT2 = ("rtn", "gptq", "awq", "awq+gptq")
 

@@ -174,7 +174,7 @@ class AWQSearch:
             return clips
         xc = self._sample(xs, self.acfg.clip_tokens) / sv
         for name, lin in zip(group.linears, lins, strict=True):
-            if name not in self.spec.no_clip:
+            if self.acfg.clip_all or name not in self.spec.no_clip:
                 b = clip_bounds(lin.weight.float() * sv, xc, self.qcfg, self.acfg)
                 if b is not None:
                     clips[name] = self.recipe.clips[f"{i}.{name}"] = b

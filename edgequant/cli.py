@@ -36,6 +36,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--duo-scaling", action="store_true", help="s = x^a / w^(1-a) (peers' default)")
     p.add_argument("--no-clip", dest="clip", action="store_false")
     p.add_argument("--clip-form", choices=("asym", "sym"), default="asym")
+    p.add_argument(
+        "--clip-all", action="store_true", help="clip q/k too (the published search skips them)"
+    )
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H)")
     p.add_argument(
         "--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean diag"
@@ -246,7 +249,13 @@ def cmd_quantize(a) -> dict:
     from edgequant.config import AWQConfig, CalibConfig, QuantConfig
 
     qcfg = QuantConfig(bits=a.w_bits, group_size=a.group_size, zero_point=a.zero_point)
-    acfg = AWQConfig(search=a.search, duo_scaling=a.duo_scaling, clip=a.clip, clip_form=a.clip_form)
+    acfg = AWQConfig(
+        search=a.search,
+        duo_scaling=a.duo_scaling,
+        clip=a.clip,
+        clip_form=a.clip_form,
+        clip_all=a.clip_all,
+    )
     ccfg = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
     from edgequant.formats import check_format, default_format
 

@@ -60,6 +60,7 @@ class AWQConfig:
     bf16_matmul: bool = True  # fast search only: block forwards as bf16 matmuls, fp32 accumulate
     clip: bool = True
     clip_form: str = "asym"
+    clip_all: bool = False  # also clip the linears the published search skips (q/k projections)
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512

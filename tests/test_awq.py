@@ -130,3 +130,15 @@ def test_rtn_is_the_empty_recipe():
     assert torch.equal(
         model.model.layers[0].mlp.down_proj.weight, fake_quantize(w, QuantConfig(4, 16))[0]
     )
+
+
+def test_clip_all_adds_q_and_k_to_the_clip_search():
+    q = QuantConfig(3, 16)
+    names = {}
+    for clip_all in (False, True):
+        a = AWQConfig(gram_tokens=128, clip_all=clip_all)
+        recipe = awq_quantize(llama(), calib_ids(), q, a)
+        names[clip_all] = {k.split(".", 1)[1] for k in recipe.clips}
+    qk = {"self_attn.q_proj", "self_attn.k_proj"}
+    assert not names[False] & qk
+    assert names[True] & qk and names[False] <= names[True]
