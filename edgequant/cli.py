@@ -1,4 +1,4 @@
-"""Command line: `edgequant quantize | eval | compare | generate | chat | bench`."""
+"""Command line: `edgequant quantize | eval | compare | generate | chat | bench | report`."""
 
 from __future__ import annotations
 
@@ -91,6 +91,19 @@ def _add_compare(sub) -> None:
     p.add_argument("--ppl", default="austen", help="comma-separated text sources")
     p.add_argument("--max-windows", type=int)
     p.add_argument("--json", metavar="FILE")
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="an HTML report with figures from benchmark JSON files")
+    p.add_argument("results", nargs="+", help="quality / speed / fidelity / robustness JSON")
+    p.add_argument("--out", default="report.html")
+
+
+def cmd_report(a) -> None:
+    from edgequant.report import write_report
+
+    drawn = write_report(a.results, a.out)
+    print(f"wrote {a.out}: {', '.join(drawn) or 'no figures'}")
 
 
 def _add_run(sub) -> None:
@@ -363,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     _add_eval(sub)
     _add_compare(sub)
     _add_run(sub)
+    _add_report(sub)
     a = parser.parse_args(argv)
     commands = {"quantize": cmd_quantize, "eval": cmd_eval, "compare": cmd_compare}
     commands |= {"generate": cmd_generate, "chat": cmd_chat, "bench": cmd_bench}
+    commands["report"] = cmd_report
     try:
         commands[a.command](a)
     except EdgequantError as e:
