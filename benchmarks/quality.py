@@ -68,7 +68,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     ids = {t: evaluation_ids(tok, get_source(t)) for t in TEXTS}
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
 
-    def record(model, bits, group, method, seconds):
+    def record(model, bits, group, method, seconds, blocks=None):
         ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
         row = {
             "model": name,
@@ -78,6 +78,8 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             "quant_seconds": round(seconds, 1),
             "ppl": ppl,
         }
+        if blocks:  # the AWQ search's per-block output error, RTN vs AWQ
+            row["blocks"] = blocks
         results["rows"][key(row)] = row
         save(path, results)
         print(f"{key(row)}: " + ", ".join(f"{t} {p['ppl']:.3f}" for t, p in ppl.items()))
@@ -94,8 +96,8 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             method, acfg, gcfg = METHODS[label]
             model, tok = load(name)  # a fresh float model
             t0 = time.perf_counter()
-            quantize_model(model, tok, method, quant=q, awq=acfg, calib=calib, gptq=gcfg)
-            record(model, bits, group, label, time.perf_counter() - t0)
+            recipe = quantize_model(model, tok, method, quant=q, awq=acfg, calib=calib, gptq=gcfg)
+            record(model, bits, group, label, time.perf_counter() - t0, recipe.report)
 
 
 def ppl(row: dict | None, text: str) -> float | None:

@@ -136,7 +136,7 @@ def _fidelity(data: dict, plt):
 
 
 def _robustness(data: dict, plt):
-    rows = _rows(data)
+    rows = [r for r in _rows(data) if r.get("n_samples", 128) == 128]  # the distribution study
     panels = sorted({(r["model"], r["method"], r["bits"]) for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
     for ax, (model, method, bits) in zip(axes[0], panels, strict=True):
