@@ -46,6 +46,7 @@ METHODS = {
     "awq+gptq": ("awq+gptq", AWQConfig(), GPTQConfig()),
     "awq-exact": ("awq", AWQConfig(search="exact"), None),
     "awq-clipall": ("awq", AWQConfig(clip_all=True), None),
+    "awq+gptq-noclip": ("awq+gptq", AWQConfig(clip=False), GPTQConfig()),
 }
 INT2 = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -178,7 +179,8 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--methods", default="fp," + ",".join(m for m in METHODS if m != "awq-exact"))
+    variants = ("awq-exact", "awq-clipall", "awq+gptq-noclip")  # run only when named
+    p.add_argument("--methods", default="fp," + ",".join(m for m in METHODS if m not in variants))
     p.add_argument("--bits", default="4,3,2", help="which of each model's configs to run")
     p.add_argument("--group", type=int, help="only the configs with this group size")
     p.add_argument("--exact-only", action="store_true", help="only the exact-search W3 rows")

@@ -77,7 +77,9 @@ def _perplexity_vs_bits(data: dict, plt):
         for j, text in enumerate(texts):
             ax = axes[i][j]
             sel = [r for r in rows if r["model"] == model and r["group_size"] == main_group]
-            for m in [m for m in METHOD_ORDER if any(r["method"] == m for r in sel)]:
+            names = {r["method"] for r in sel}
+            order = [m for m in METHOD_ORDER if m in names] + sorted(names - set(METHOD_ORDER))
+            for m in order:
                 pts = sorted((r["bits"], r["ppl"][text]["ppl"]) for r in sel if r["method"] == m)
                 ax.plot(*zip(*pts, strict=True), marker="o", label=m)
             if fp:
