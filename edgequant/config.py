@@ -60,7 +60,9 @@ class AWQConfig:
     bf16_matmul: bool = True  # fast search only: block forwards as bf16 matmuls, fp32 accumulate
     clip: bool = True
     clip_form: str = "asym"
-    clip_all: bool = False  # also clip the linears the published search skips (q/k projections)
+    # also clip the linears the published search skips (q/k): measured better at W3 on both
+    # models (benchmarks/results/quality.md, rows awq vs awq-published), neutral at W4
+    clip_all: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512
