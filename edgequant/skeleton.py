@@ -183,6 +183,8 @@ def load_skeleton(path: str | os.PathLike) -> nn.Module:
         if suffix == "weight":
             bias = tensors.get(f"{prefix}.bias") if f"{prefix}.bias" in tensors else None
             _place(root, prefix, Holder(tensors.get(key), bias))
+    if getattr(root.config, "tie_word_embeddings", False) and hasattr(root, "lm_head"):
+        del root.lm_head  # tied: a stored copy of the embedding is not a second table
     if root.get_output_embeddings() is None and not root.config.tie_word_embeddings:
         raise EdgequantError(f"{path}: the checkpoint has no lm_head.weight (untied embeddings)")
     _place(root, d.rotary, Rotary(root.config))
