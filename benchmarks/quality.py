@@ -81,6 +81,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             "quant_seconds": round(seconds, 1),
             "ppl": ppl,
         }
+        row["commit"] = args.commit
         if blocks:  # the AWQ search's per-block output error, RTN vs AWQ
             row["blocks"] = blocks
         results["rows"][key(row)] = row
@@ -211,9 +212,10 @@ def main() -> None:
     ).stdout.strip()
     results["machine"] = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"commit {commit}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows carry the "
+        "commit they were measured at where recorded"
     )
+    args.commit = commit
     results["protocol"] = (
         f"Perplexity: first {args.max_windows} non-overlapping 2048-token windows of each text "
         "(austen = Pride and Prejudice; pydocs = held-out reference/ and faq/), BOS prefix "
