@@ -37,10 +37,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--no-clip", dest="clip", action="store_false")
     p.add_argument("--clip-form", choices=("asym", "sym"), default="asym")
     p.add_argument(
-        "--clip-skip-qk",
-        dest="clip_all",
-        action="store_false",
-        help="the published clip search: q/k projections not clipped (default: clip them too)",
+        "--clip-all", action="store_true", help="clip q/k too (the published search skips them)"
     )
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H)")
     p.add_argument(

@@ -76,8 +76,7 @@ class Recipe:
         return cls(
             quant=QuantConfig(**meta["quant"]),
             method=meta["method"],
-            # recipes written before clip_all existed searched with q/k unclipped
-            awq=AWQConfig(**{"clip_all": False} | meta["awq"]) if meta["awq"] else None,
+            awq=AWQConfig(**meta["awq"]) if meta["awq"] else None,
             model_type=meta["model_type"],
             scales={k[len("scale.") :]: v for k, v in tensors.items() if k.startswith("scale.")},
             clips=clips,
