@@ -45,9 +45,8 @@ METHODS = {
     "gptq-act": ("gptq", None, GPTQConfig(act_order=True)),
     "awq+gptq": ("awq+gptq", AWQConfig(), GPTQConfig()),
     "awq-exact": ("awq", AWQConfig(search="exact"), None),
-    # q/k clipped too (AWQConfig.clip_all), not the default yet
-    "awq-clipall": ("awq", AWQConfig(clip_all=True), None),
-    "awq+gptq-clipall": ("awq+gptq", AWQConfig(clip_all=True), GPTQConfig()),
+    # the published clip search: q/k never clipped (AWQConfig.clip_all=False)
+    "awq-qkskip": ("awq", AWQConfig(clip_all=False), None),
 }
 INT2 = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -177,7 +176,7 @@ def render(results: dict) -> str:
         cfg = "fp" if r["method"] == "fp" else f"W{r['bits']} g{r['group_size']}"
         cells = " | ".join(f"{ppl(r, t):.3f}" for t in TEXTS)
         out.append(f"| {r['model']} | {cfg} | {r['method']} | {cells} | {r['quant_seconds']} |")
-        if r["method"] in ("awq", "awq-clipall") and r["bits"] >= 3:
+        if r["method"] in ("awq", "awq-qkskip") and r["bits"] >= 3:
             checks += awq_checks(rows, r)
     table, int2_checks = int2_table(rows)
     out += ["", "## INT2", "", *table, "", "## Checks", ""]
@@ -193,7 +192,7 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    variants = [m for m in METHODS if "exact" in m or "clipall" in m]  # run only when named
+    variants = [m for m in METHODS if "exact" in m or "qkskip" in m]  # run only when named
     p.add_argument("--methods", default="fp," + ",".join(m for m in METHODS if m not in variants))
     p.add_argument("--bits", default="4,3,2", help="which of each model's configs to run")
     p.add_argument("--group", type=int, help="only the configs with this group size")

@@ -57,7 +57,8 @@ def scaled_error(
 
 def pool_channels(v: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     # v [C] per input channel, idx [C] its source channel in 0..n-1 -> [n] mean per source
-    total = torch.zeros(n, dtype=v.dtype).index_add_(0, idx, v)
+    idx = idx.to(v.device)
+    total = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, idx, v)
     return total / torch.bincount(idx, minlength=n).clamp(min=1).to(v.dtype)
 
 
@@ -83,11 +84,18 @@ def search_scale(
 
 
 def clip_bounds(
-    w: torch.Tensor, x: torch.Tensor, qcfg: QuantConfig, acfg: AWQConfig
+    w: torch.Tensor,
+    x: torch.Tensor,
+    qcfg: QuantConfig,
+    acfg: AWQConfig,
+    check: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    # w [out, C] (scaled), x [n, C] (scaled inputs) -> (lo, hi) [out, n_groups], or None when
-    # clipping would not lower this layer's output error on x.
+    # w [out, C] (scaled), x [n, C] (scaled inputs), check [C, C] a Gram matrix of other
+    # (scaled) tokens -> (lo, hi) [out, n_groups], or None when no row's clip survives.
     # Per (channel, group) error: mean_t (x_g . (wq_g - w_g))^2 = d_g^T G_gg d_g / n, G = x^T x.
+    # The clip is chosen on x; each output row keeps it only where its output error on `check`
+    # (default x's own Gram) is no larger than unclipped: a few hundred tokens can miss the
+    # rare huge activations that make a clip costly.
     out, c = w.shape
     g = qcfg.group_len(c)
     ng = c // g
@@ -106,11 +114,20 @@ def clip_bounds(
         best_err = torch.where(better, err, best_err)
         lo_best = torch.where(better, lo, lo_best)
         hi_best = torch.where(better, hi, hi_best)
-    clipped = fake_quantize(w, qcfg, lo_best, hi_best)[0]
-    plain = fake_quantize(w, qcfg)[0]
-    if gram_error(clipped - w, gram, n) > gram_error(plain - w, gram, n):
+    keep = row_errors(w, lo_best, hi_best, qcfg, gram if check is None else check)
+    if not keep.any():
         return None
-    return lo_best, hi_best
+    keep = keep[:, None]
+    return torch.where(keep, lo_best, wmin), torch.where(keep, hi_best, wmax)
+
+
+def row_errors(
+    w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qcfg: QuantConfig, gram: torch.Tensor
+) -> torch.Tensor:
+    # w [out, C], lo/hi [out, n_groups], gram [C, C] -> [out] bool: clipped row error <= plain
+    d_clip = fake_quantize(w, qcfg, lo, hi)[0] - w
+    d_plain = fake_quantize(w, qcfg)[0] - w
+    return ((d_clip @ gram) * d_clip).sum(1) <= ((d_plain @ gram) * d_plain).sum(1)
 
 
 def _first(out):
@@ -168,14 +185,16 @@ class AWQSearch:
             return lambda s: scaled_error(w_cat, s, self.qcfg, g_all, n_all)
         return self._exact_loss([block.get_submodule(n) for n in group.linears], call)
 
-    def _clips(self, i: int, group: ScaleGroup, lins: list, xs: list, sv: torch.Tensor) -> dict:
+    def _clips(self, i: int, group: ScaleGroup, lins: list, xs: list, sv, gram) -> dict:
+        # sv [C] the group's scale, gram [C, C] of the unscaled Gram sample (clip check)
         clips = {}
         if not self.acfg.clip:
             return clips
         xc = self._sample(xs, self.acfg.clip_tokens) / sv
+        check = gram / (sv[:, None] * sv[None, :])
         for name, lin in zip(group.linears, lins, strict=True):
             if self.acfg.clip_all or name not in self.spec.no_clip:
-                b = clip_bounds(lin.weight.float() * sv, xc, self.qcfg, self.acfg)
+                b = clip_bounds(lin.weight.float() * sv, xc, self.qcfg, self.acfg, check)
                 if b is not None:
                     clips[name] = self.recipe.clips[f"{i}.{name}"] = b
         return clips
@@ -220,14 +239,14 @@ class AWQSearch:
         if idx is not None:
             loss = self._scale_loss(block, group, xs, w_cat, gram, n, call)
             s = self._search(f"{i}.{group.name}", loss, x_mean, w_cat, idx)
-        sv = torch.ones(c) if s is None else s[idx]
-        clips = self._clips(i, group, lins, xs, sv)
+        sv = torch.ones(c, device=w_cat.device) if s is None else s[idx]
+        clips = self._clips(i, group, lins, xs, sv, gram)
         for name, lin in zip(group.linears, lins, strict=True):
             lo, hi = clips.get(name, (None, None))
             eff = fake_quantize(lin.weight.float() * sv, qcfg, lo, hi)[0] / sv
             lin.weight.data = eff.to(lin.weight.dtype)
         w_eff = torch.cat([lin.weight.float() for lin in lins])
-        rtn_err = scaled_error(w_cat, torch.ones(c), qcfg, gram, n)
+        rtn_err = scaled_error(w_cat, torch.ones_like(sv), qcfg, gram, n)
         return (s, clips), (rtn_err, gram_error(w_eff - w_cat, gram, n))
 
     def _process(self, i: int, block: nn.Module, run: Callable) -> None:

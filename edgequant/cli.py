@@ -37,7 +37,10 @@ def _add_quantize(sub) -> None:
     p.add_argument("--no-clip", dest="clip", action="store_false")
     p.add_argument("--clip-form", choices=("asym", "sym"), default="asym")
     p.add_argument(
-        "--clip-all", action="store_true", help="clip q/k too (the published search skips them)"
+        "--clip-all",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clip q/k too (default; --no-clip-all skips them as the published search does)",
     )
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H)")
     p.add_argument(

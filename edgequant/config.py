@@ -60,10 +60,9 @@ class AWQConfig:
     bf16_matmul: bool = True  # fast search only: block forwards as bf16 matmuls, fp32 accumulate
     clip: bool = True
     clip_form: str = "asym"
-    # also clip the linears the published search skips (q/k): better at W3 on both models
-    # with 128 x 512 calibration (quality.md, rows awq-clipall), but with 16 x 256 it raised
-    # SmolLM2's summed block error above RTN's, so not the default yet
-    clip_all: bool = False
+    # also clip the linears the published search skips (q/k); each row's clip is kept only
+    # where it lowers that row's error on the Gram sample (quality.md: awq vs awq-qkskip)
+    clip_all: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512

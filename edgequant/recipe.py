@@ -39,10 +39,10 @@ class Recipe:
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomic write: a temporary file in the same directory, then rename."""
-        tensors = {f"scale.{k}": v.contiguous() for k, v in self.scales.items()}
+        tensors = {f"scale.{k}": v.contiguous().cpu() for k, v in self.scales.items()}
         for k, (lo, hi) in self.clips.items():
-            tensors[f"clip_lo.{k}"] = lo.contiguous()
-            tensors[f"clip_hi.{k}"] = hi.contiguous()
+            tensors[f"clip_lo.{k}"] = lo.contiguous().cpu()
+            tensors[f"clip_hi.{k}"] = hi.contiguous().cpu()
         meta = {
             "format": FORMAT,
             "method": self.method,

@@ -22,7 +22,7 @@ from pathlib import Path
 from edgequant.errors import EdgequantError
 from edgequant.io import atomic_write_text
 
-METHOD_ORDER = ("fp", "rtn", "awq", "awq-clipall", "gptq", "gptq-act", "awq+gptq", "awq-exact")
+METHOD_ORDER = ("fp", "rtn", "awq", "awq-qkskip", "gptq", "gptq-act", "awq+gptq", "awq-exact")
 
 
 def _kind(data: dict) -> str | None:

@@ -6,7 +6,7 @@ from conftest import FACTORIES, llama
 
 from edgequant.awq import awq_quantize, candidate_scale, clip_bounds, gram_error, search_scale
 from edgequant.config import AWQConfig, QuantConfig
-from edgequant.primitives import fake_quantize
+from edgequant.primitives import fake_quantize, group_minmax
 from edgequant.recipe import Recipe, apply_recipe
 
 
@@ -60,8 +60,11 @@ def test_clip_never_raises_layer_error(form, bits, group, seed):
     plain = layer_error(x, w, fake_quantize(w, q)[0])
     if b is not None:
         assert layer_error(x, w, fake_quantize(w, q, *b)[0]) <= plain * (1 + 1e-5)
-        if form == "sym":
-            assert torch.equal(b[0], -b[1])
+        if form == "sym":  # symmetric, or a row left at its plain min/max
+            wmin, wmax = group_minmax(w, q)
+            sym = (b[0] == -b[1]).all(1)
+            plain_row = ((b[0] == wmin) & (b[1] == wmax)).all(1)
+            assert (sym | plain_row).all()
 
 
 def test_clip_helps_with_weight_outliers():
@@ -71,6 +74,25 @@ def test_clip_helps_with_weight_outliers():
     b = clip_bounds(w, x, q, AWQConfig())
     assert b is not None
     assert layer_error(x, w, fake_quantize(w, q, *b)[0]) < layer_error(x, w, fake_quantize(w, q)[0])
+
+
+def test_clip_checked_on_held_out_tokens():
+    # the clip sample misses a rare huge activation on channel 0, whose weights are outliers
+    x, w = outlier_layer(2, n=2048)
+    x[:, 0] = 0.0
+    x[1500:1510, 0] = 400.0
+    w[:, 0] *= 6
+    q, a = QuantConfig(3, 32), AWQConfig()
+    sample = x[:512]
+    blind = clip_bounds(w, sample, q, a)
+    assert blind is not None
+    plain = layer_error(x, w, fake_quantize(w, q)[0])
+    assert layer_error(x, w, fake_quantize(w, q, *blind)[0]) > plain  # the trap is real
+    checked = clip_bounds(w, sample, q, a, check=x.T @ x)
+    if checked is not None:
+        assert layer_error(x, w, fake_quantize(w, q, *checked)[0]) <= plain * (1 + 1e-5)
+        rows = (checked[0] != blind[0]).any(1)
+        assert rows.any()  # some rows fell back to their plain min/max
 
 
 def calib_ids(n=8, t=32, seed=0):
