@@ -3,6 +3,8 @@
     python benchmarks/quality.py                              # every method and config
     python benchmarks/quality.py --methods rtn,awq --bits 4,3 # a slice of it
     python benchmarks/quality.py --exact-only                 # paper-exact AWQ at W3 (slow)
+    python benchmarks/quality.py --models gemma3-270m --bits 3 --methods awq-exact \
+        --load-search gemma3-270m-w3g128-exact.safetensors     # a search run elsewhere
 
 Rows are merged into benchmarks/results/quality.json by (model, bits, group, method), so
 runs can be split; benchmarks/results/quality.md is rendered from the JSON with the checks
@@ -29,6 +31,7 @@ from edgequant.data import evaluation_ids, get_source
 from edgequant.evaluate import perplexity
 from edgequant.gptq import GPTQConfig
 from edgequant.io import atomic_write_text
+from edgequant.recipe import Recipe
 from edgequant.zoo import load
 
 RESULTS = Path(__file__).parent / "results"
@@ -47,6 +50,7 @@ METHODS = {
     "awq-exact": ("awq", AWQConfig(search="exact"), None),
     # the published clip search: q/k never clipped (AWQConfig.clip_all=False)
     "awq-qkskip": ("awq", AWQConfig(clip_all=False), None),
+    "awq-exact-qkskip": ("awq", AWQConfig(search="exact", clip_all=False), None),
 }
 INT2 = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -69,7 +73,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     ids = {t: evaluation_ids(tok, get_source(t)) for t in TEXTS}
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
 
-    def record(model, bits, group, method, seconds, blocks=None):
+    def record(model, bits, group, method, seconds, blocks=None, searched_on=None):
         ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
         row = {
             "model": name,
@@ -82,6 +86,8 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
         row["commit"] = args.commit
         if blocks:  # the AWQ search's per-block output error, RTN vs AWQ
             row["blocks"] = blocks
+        if searched_on:  # the search ran elsewhere (--load-search): where, and how long
+            row["searched_on"] = searched_on
         results["rows"][key(row)] = row
         save(path, results)
         print(f"{key(row)}: " + ", ".join(f"{t} {p['ppl']:.3f}" for t, p in ppl.items()))
@@ -97,9 +103,24 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
                 continue
             method, acfg, gcfg = METHODS[label]
             model, tok = load(name)  # a fresh float model
+            if args.load_search:
+                recipe = loaded_search(model, tok, args.load_search, method, q, acfg)
+                secs = recipe.searched_on.get("seconds", 0.0)
+                record(model, bits, group, label, secs, recipe.report, recipe.searched_on)
+                continue
             t0 = time.perf_counter()
             recipe = quantize_model(model, tok, method, quant=q, awq=acfg, calib=calib, gptq=gcfg)
             record(model, bits, group, label, time.perf_counter() - t0, recipe.report)
+
+
+def loaded_search(model, tok, path: Path, method: str, q: QuantConfig, acfg: AWQConfig | None):
+    """Apply a saved AWQ search to `model`, after checking it is the search the row names."""
+    recipe = Recipe.load(path)
+    if (recipe.method, recipe.quant, recipe.awq) != (method, q, acfg):
+        raise SystemExit(
+            f"{path} holds {recipe.method} {recipe.quant} {recipe.awq}, not {method} {q} {acfg}"
+        )
+    return quantize_model(model, tok, method, quant=q, load_search=str(path))
 
 
 def ppl(row: dict | None, text: str) -> float | None:
@@ -175,7 +196,10 @@ def render(results: dict) -> str:
     ):
         cfg = "fp" if r["method"] == "fp" else f"W{r['bits']} g{r['group_size']}"
         cells = " | ".join(f"{ppl(r, t):.3f}" for t in TEXTS)
-        out.append(f"| {r['model']} | {cfg} | {r['method']} | {cells} | {r['quant_seconds']} |")
+        secs = r["quant_seconds"]
+        if "searched_on" in r:
+            secs = f"{secs} ({r['searched_on']['device']})"
+        out.append(f"| {r['model']} | {cfg} | {r['method']} | {cells} | {secs} |")
         if r["method"] in ("awq", "awq-qkskip") and r["bits"] >= 3:
             checks += awq_checks(rows, r)
     table, int2_checks = int2_table(rows)
@@ -198,12 +222,20 @@ def main() -> None:
     p.add_argument("--group", type=int, help="only the configs with this group size")
     p.add_argument("--exact-only", action="store_true", help="only the exact-search W3 rows")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    p.add_argument(
+        "--load-search",
+        type=Path,
+        help="apply this saved AWQ search (e.g. run on a GPU) instead of searching; one model, "
+        "one --bits and one method; the row's time is the search's own",
+    )
     args = p.parse_args()
     args.methods = ["awq-exact"] if args.exact_only else args.methods.split(",")
     args.bits = [3] if args.exact_only else [int(b) for b in args.bits.split(",")]
     unknown = set(args.methods) - set(METHODS) - {"fp"}
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from fp, {', '.join(METHODS)}")
+    if args.load_search and (len(args.methods) != 1 or len(args.bits) != 1 or "," in args.models):
+        p.error("--load-search needs one model, one --bits and one method")
     results = load_results(args.out)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True

@@ -11,6 +11,8 @@ recipe is re-applied.
 from __future__ import annotations
 
 import math
+import platform
+import time
 from collections.abc import Callable
 
 import torch
@@ -310,5 +312,17 @@ def awq_quantize(
     """Search AWQ scales and clips on the calibration ids [N, T]; quantizes `model` in place."""
     search = AWQSearch(model, qcfg, acfg)
     check_group_size(model, search.spec, qcfg)
+    t0 = time.perf_counter()
     run_layerwise(model, search.spec, input_ids, search._process, desc="awq")
+    search.recipe.searched_on = {
+        "device": device_name(input_ids.device),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+    }
     return search.recipe
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"

@@ -36,6 +36,7 @@ class Recipe:
     # "i.linear" -> (lo, hi) [out, n_groups]
     fallbacks: list[str] = field(default_factory=list)
     report: list[dict] = field(default_factory=list)
+    searched_on: dict = field(default_factory=dict)  # device, seconds, torch of the search
 
     def save(self, path: str | os.PathLike) -> None:
         """Atomic write: a temporary file in the same directory, then rename."""
@@ -51,6 +52,7 @@ class Recipe:
             "awq": asdict(self.awq) if self.awq else None,
             "fallbacks": self.fallbacks,
             "report": self.report,
+            "searched_on": self.searched_on,
         }
         with atomic_path(Path(path)) as tmp:
             save_file(tensors, str(tmp), metadata={"edgequant": json.dumps(meta)})
@@ -82,6 +84,7 @@ class Recipe:
             clips=clips,
             fallbacks=meta["fallbacks"],
             report=meta["report"],
+            searched_on=meta.get("searched_on", {}),
         )
 
 

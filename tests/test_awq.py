@@ -127,7 +127,10 @@ def test_saved_search_reapplies_bit_for_bit(tmp_path, search, arch):
     path = tmp_path / "search.safetensors"
     recipe.save(path)
     fresh = make()
-    apply_recipe(fresh, Recipe.load(path))
+    loaded = Recipe.load(path)
+    assert loaded.searched_on == recipe.searched_on
+    assert recipe.searched_on["device"].endswith("threads") and recipe.searched_on["seconds"] >= 0
+    apply_recipe(fresh, loaded)
     a, b = model.state_dict(), fresh.state_dict()
     assert a.keys() == b.keys()
     for name in a:
