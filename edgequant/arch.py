@@ -25,6 +25,50 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class ActPoint:
+    """A static activation quantizer (the precision map of integer-only execution).
+
+    where: "in" / "out" of `module` (relative to the block), or, inside the attention
+    module's softmax attention, "k" / "v" (the KV cache, after RoPE), "scores" (softmax
+    input) and "probs" (softmax output). bits 8 points follow StaticConfig.a_bits.
+    """
+
+    module: str
+    where: str
+    bits: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.where}"
+
+
+def _precision_map(
+    attn_norm: str, mlp_norm: str, extra: tuple[ActPoint, ...] = ()
+) -> tuple[ActPoint, ...]:
+    # MobileQuant's W8A8 with selective A16: 8-bit linear inputs and outputs, V and the KV
+    # cache; 16-bit residual stream (norm inputs), o_proj / down_proj outputs and softmax
+    a, m = "self_attn", "mlp"
+    return (
+        ActPoint(attn_norm, "in", 16),
+        ActPoint(attn_norm, "out", 8),
+        *(ActPoint(f"{a}.{p}_proj", "out", 8) for p in "qkv"),
+        ActPoint(a, "k", 8),
+        ActPoint(a, "v", 8),
+        ActPoint(a, "scores", 16),
+        ActPoint(a, "probs", 16),
+        ActPoint(f"{a}.o_proj", "in", 8),
+        ActPoint(f"{a}.o_proj", "out", 16),
+        ActPoint(mlp_norm, "in", 16),
+        ActPoint(mlp_norm, "out", 8),
+        ActPoint(f"{m}.gate_proj", "out", 8),
+        ActPoint(f"{m}.up_proj", "out", 8),
+        ActPoint(f"{m}.down_proj", "in", 8),
+        ActPoint(f"{m}.down_proj", "out", 16),
+        *extra,
+    )
+
+
+@dataclass(frozen=True)
 class DecodeSpec:
     """What the lean decoder (edgequant.decoder) needs beyond the HF config's standard fields.
 
@@ -58,6 +102,8 @@ class ArchSpec:
     groups: tuple[ScaleGroup, ...]
     no_clip: tuple[str, ...]  # linears skipped by the clip search (q/k: softmax is sensitive)
     decode: DecodeSpec | None = None  # None: no lean decoder, generation goes through HF
+    act_points: tuple[ActPoint, ...] = ()  # () : no integer-only (static W8A8) support
+    w8_per_channel: tuple[str, ...] = ()  # linears whose 8-bit weights keep a scale per row
 
 
 def _attn_mlp(norm_attn: str, norm_mlp: str, attn: str, mlp: str) -> tuple[ScaleGroup, ...]:
@@ -79,6 +125,8 @@ LLAMA = ArchSpec(
     groups=_attn_mlp("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"),
     no_clip=("self_attn.q_proj", "self_attn.k_proj"),
     decode=DecodeSpec(),
+    act_points=_precision_map("input_layernorm", "post_attention_layernorm"),
+    w8_per_channel=("mlp.down_proj",),
 )
 
 QWEN3 = replace(
@@ -105,6 +153,16 @@ GEMMA3 = ArchSpec(
         act="hidden_activation",
         attn_scale="query_pre_attn_scalar",
     ),
+    act_points=_precision_map(
+        "input_layernorm",
+        "pre_feedforward_layernorm",
+        # the post-norms of the attention and MLP outputs feed the 16-bit residual stream
+        (
+            ActPoint("post_attention_layernorm", "out", 16),
+            ActPoint("post_feedforward_layernorm", "out", 16),
+        ),
+    ),
+    w8_per_channel=("mlp.down_proj",),
 )
 
 OPT = ArchSpec(

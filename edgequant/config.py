@@ -94,3 +94,32 @@ class CalibConfig:
                 "calibration needs n_samples >= 1 and seqlen >= 2, "
                 f"got {self.n_samples}, {self.seqlen}"
             )
+
+
+@dataclass(frozen=True)
+class StaticConfig:
+    """Integer-only weight + activation quantization with static per-tensor activation ranges.
+
+    Weights: w_bits 8 -> per-tensor asymmetric, except the architecture's per-channel list
+    (down_proj); w_bits 4 -> per-channel, asymmetric or symmetric (w_symmetric).
+    Activations: the architecture's precision map gives each quantization point 8 or 16
+    bits; a_bits 16 lifts the 8-bit points to 16 as well. Asymmetric, one range per tensor.
+    SmoothQuant's alpha: None grid-searches it per scale group (alpha_grid points in [0, 1)).
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    w_symmetric: bool = False
+    alpha: float | None = None
+    alpha_grid: int = 20
+    search_tokens: int = 4096  # token sample for the alpha search
+
+    def __post_init__(self) -> None:
+        if self.w_bits not in (4, 8):
+            raise EdgequantError(f"static quantization takes w_bits 4 or 8, got {self.w_bits!r}")
+        if self.a_bits not in (8, 16):
+            raise EdgequantError(f"static quantization takes a_bits 8 or 16, got {self.a_bits!r}")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise EdgequantError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+        if self.alpha_grid < 1 or self.search_tokens < 1:
+            raise EdgequantError("alpha_grid and search_tokens must be positive")

@@ -81,3 +81,28 @@ def group_minmax(w: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, torch
     # w [out, in] -> (min, max) per group, each [out, n_groups]
     wg = _grouped(w, cfg).float()
     return wg.amin(dim=-1), wg.amax(dim=-1)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    # x [...] -> round(x) forward, identity gradient backward (straight-through estimator)
+    return x + (torch.round(x) - x).detach()
+
+
+def static_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # lo, hi [] a per-tensor range -> scale [], zero [] of its asymmetric unsigned grid; the
+    # range is widened to hold 0 so that zero is exact (zero rounds straight-through)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    scale = (hi - lo).clamp(min=1e-8) / (2**bits - 1)
+    return scale, round_ste(-lo / scale)
+
+
+def fake_quant_static(
+    x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int
+) -> torch.Tensor:
+    # x [...], lo/hi [] -> x rounded onto the static grid of [lo, hi] (2^bits levels), x.dtype;
+    # differentiable in x (inside the range), lo and hi (straight-through rounding)
+    scale, zero = static_qparams(lo, hi, bits)
+    q = torch.clamp(round_ste(x.float() / scale) + zero, 0, 2**bits - 1)
+    return ((q - zero) * scale).to(x.dtype)

@@ -1,0 +1,226 @@
+"""Integer-only execution, simulated: weights on 8- or 4-bit grids and a static per-tensor
+quantizer at every point of the architecture's precision map (MobileQuant's setting).
+
+`attach(model, cfg)` gives every block one `ActQuant` per `ActPoint`: forward hooks quantize
+module inputs and outputs, and a softmax attention registered with transformers
+("edgequant_static") quantizes the KV cache and the softmax input and output. Quantizers
+start observing (min/max over what flows through); `Quantizers.freeze()` checks every range
+and switches them to quantizing. `Quantizers.remove()` restores the model's own forward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edgequant.arch import ActPoint, ArchSpec, arch_for, blocks_of
+from edgequant.config import QuantConfig, StaticConfig
+from edgequant.errors import EdgequantError
+from edgequant.primitives import fake_quant_static, fake_quantize
+
+ATTN_IMPL = "edgequant_static"
+
+
+class ActQuant(nn.Module):
+    """One static per-tensor asymmetric quantizer: range [lo, hi] on 2^bits levels.
+
+    mode "observe" widens the range to what passes through (and passes it unchanged),
+    "quant" fake-quantizes, "off" passes through.
+    """
+
+    def __init__(self, bits: int, name: str):
+        super().__init__()
+        self.bits, self.name, self.mode = bits, name, "observe"
+        self.lo = nn.Parameter(torch.tensor(math.inf), requires_grad=False)
+        self.hi = nn.Parameter(torch.tensor(-math.inf), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "quant":
+            return fake_quant_static(x, self.lo, self.hi, self.bits)
+        if self.mode == "observe":
+            with torch.no_grad():
+                xf = x.detach().float()
+                self.lo.copy_(torch.minimum(self.lo, xf.min()))
+                self.hi.copy_(torch.maximum(self.hi, xf.max()))
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, bits={self.bits}, range=[{self.lo.item():.4g}, {self.hi.item():.4g}]"
+
+
+def point_bits(point: ActPoint, cfg: StaticConfig) -> int:
+    return max(point.bits, cfg.a_bits)
+
+
+def static_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # query [B, H, T, D], key/value [B, KV, S, D], mask [B, 1, T, S] additive
+    # -> (output [B, T, H, D], probabilities [B, H, T, S])
+    qs = getattr(module, "_edgequant_static", None) or {}
+    ident = lambda t: t  # noqa: E731
+    key, value = qs.get("k", ident)(key), qs.get("v", ident)(value)
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    scale = scaling if scaling is not None else module.head_dim**-0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = qs.get("scores", ident)(scores)  # before the mask: masked entries are not data
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = qs.get("probs", ident)(probs)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    AttentionInterface.register(ATTN_IMPL, static_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, eager_mask)
+
+
+def _in_hook(q: ActQuant):
+    def hook(module, args):
+        if not args:
+            raise EdgequantError(f"{q.name}: expected the input as a positional argument")
+        return (q(args[0]), *args[1:])
+
+    return hook
+
+
+def _out_hook(q: ActQuant):
+    def hook(module, args, out):
+        return (q(out[0]), *out[1:]) if isinstance(out, tuple) else q(out)
+
+    return hook
+
+
+class Quantizers(nn.Module):
+    """Every static activation quantizer of a model, keyed "block/module:where"."""
+
+    def __init__(self, model: nn.Module, cfg: StaticConfig):
+        super().__init__()
+        spec = arch_for(model)
+        if not spec.act_points:
+            raise EdgequantError(
+                f"integer-only quantization has no precision map for {spec.name} models"
+            )
+        self.cfg = cfg
+        self.quant = nn.ModuleDict()
+        self._handles: list = []
+        self._attn: list[nn.Module] = []
+        self._model = [model]  # a list: not a submodule
+        self._impl = model.config._attn_implementation
+        _register_attention()
+        for i, block in enumerate(blocks_of(model, spec)):
+            self._attach_block(i, block, spec)
+        model.set_attn_implementation(ATTN_IMPL)
+
+    def _attach_block(self, i: int, block: nn.Module, spec: ArchSpec) -> None:
+        inner: dict[str, dict[str, ActQuant]] = {}
+        for p in spec.act_points:
+            name = f"{i}/{p.key}"
+            q = ActQuant(point_bits(p, self.cfg), name)
+            self.quant[name.replace(".", "_")] = q
+            mod = block.get_submodule(p.module)
+            if p.where == "in":
+                self._handles.append(mod.register_forward_pre_hook(_in_hook(q)))
+            elif p.where == "out":
+                self._handles.append(mod.register_forward_hook(_out_hook(q)))
+            else:
+                inner.setdefault(p.module, {})[p.where] = q
+        for path, qs in inner.items():
+            mod = block.get_submodule(path)
+            mod._edgequant_static = qs
+            self._attn.append(mod)
+
+    def set_mode(self, mode: str) -> None:
+        for q in self.quant.values():
+            q.mode = mode
+
+    def freeze(self) -> None:
+        """Check that every range was observed and is finite, then start quantizing."""
+        for q in self.quant.values():
+            if not (torch.isfinite(q.lo) and torch.isfinite(q.hi)):
+                raise EdgequantError(
+                    f"activation range at block {q.name} is {q.lo.item()}..{q.hi.item()}: "
+                    "never observed, or the calibration activations hold NaN/inf"
+                )
+        self.set_mode("quant")
+
+    def table(self) -> dict[str, dict]:
+        """The range table: per point its bits and [lo, hi]."""
+        return {
+            q.name: {"bits": q.bits, "lo": q.lo.item(), "hi": q.hi.item()}
+            for q in self.quant.values()
+        }
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for mod in self._attn:
+            del mod._edgequant_static
+        self._handles, self._attn = [], []
+        self._model[0].set_attn_implementation(self._impl)
+
+    @contextmanager
+    def mode(self, mode: str) -> Iterator[None]:
+        before = {k: q.mode for k, q in self.quant.items()}
+        self.set_mode(mode)
+        try:
+            yield
+        finally:
+            for k, q in self.quant.items():
+                q.mode = before[k]
+
+
+def weight_config(name: str, spec: ArchSpec, cfg: StaticConfig) -> tuple[QuantConfig, bool]:
+    """The grid of one linear's weight: (quantizer, per-channel?)."""
+    per_channel = cfg.w_bits == 4 or name in spec.w8_per_channel
+    symmetric = cfg.w_symmetric and cfg.w_bits == 4
+    return QuantConfig(cfg.w_bits, -1, zero_point=not symmetric), per_channel
+
+
+def static_weight(w: torch.Tensor, qcfg: QuantConfig, per_channel: bool) -> torch.Tensor:
+    # w [out, in] -> fake-quantized [out, in] float32, one range per row or per tensor
+    if per_channel:
+        return fake_quantize(w, qcfg)[0]
+    return fake_quantize(w.reshape(1, -1), qcfg)[0].reshape(w.shape)
+
+
+@torch.no_grad()
+def quantize_weights(model: nn.Module, cfg: StaticConfig) -> None:
+    """Round every block linear of the precision map's model onto its static weight grid."""
+    spec = arch_for(model)
+    names = [n for g in spec.groups for n in g.linears]
+    for block in blocks_of(model, spec):
+        for name in names:
+            lin = block.get_submodule(name)
+            qcfg, per_channel = weight_config(name, spec, cfg)
+            lin.weight.copy_(static_weight(lin.weight.float(), qcfg, per_channel))
+
+
+@torch.no_grad()
+def observe_ranges(model: nn.Module, qs: Quantizers, input_ids: torch.Tensor, batch: int = 8):
+    """Run the calibration ids [N, T] through the model with every quantizer observing."""
+    model.eval()
+    with qs.mode("observe"):
+        for start in tqdm(range(0, len(input_ids), batch), desc="ranges", unit="batch"):
+            model(input_ids[start : start + batch], use_cache=False)
+    qs.freeze()

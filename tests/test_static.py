@@ -1,0 +1,142 @@
+import pytest
+import torch
+from conftest import FACTORIES
+
+from edgequant.arch import arch_for
+from edgequant.config import QuantConfig, StaticConfig
+from edgequant.errors import EdgequantError
+from edgequant.primitives import fake_quant_static
+from edgequant.recipe import Recipe, apply_recipe
+from edgequant.smoothquant import smooth_scale, smoothquant, static_error
+from edgequant.static import Quantizers, observe_ranges, quantize_weights, static_weight
+
+
+def ids(n=4, t=24, seed=0):
+    return torch.randint(0, 320, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, x):
+    return model(x, use_cache=False).logits
+
+
+def test_fake_quant_static_grid():
+    x = torch.linspace(-3, 5, 1001)
+    lo, hi = torch.tensor(-2.0), torch.tensor(4.0)
+    y = fake_quant_static(x, lo, hi, 8)
+    step = 6.0 / 255
+    inside = (x >= -2) & (x <= 4)
+    assert (y[inside] - x[inside]).abs().max() <= step / 2 + 1e-6
+    assert y.min() >= -2 - 1e-6 and y.max() <= 4 + 1e-6  # clamped to the range
+    assert torch.unique(y).numel() <= 256
+    # zero is exactly representable, also when the range does not hold it
+    assert fake_quant_static(torch.zeros(3), torch.tensor(1.0), torch.tensor(2.0), 8).eq(0).all()
+
+
+def test_fake_quant_static_gradients_reach_the_range():
+    x = torch.randn(100) * 3
+    lo = torch.tensor(-1.0, requires_grad=True)
+    hi = torch.tensor(1.0, requires_grad=True)
+    fake_quant_static(x, lo, hi, 8).pow(2).sum().backward()
+    assert lo.grad.abs() > 0 and hi.grad.abs() > 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_passthrough_attention_and_removal_leave_logits(arch):
+    model = FACTORIES[arch]()
+    x = ids()
+    ref = logits(model, x)
+    qs = Quantizers(model, StaticConfig())
+    with qs.mode("off"):
+        assert torch.allclose(logits(model, x), ref, atol=1e-5)
+    qs.remove()
+    assert torch.equal(logits(model, x), ref)
+    assert not any(h for m in model.modules() for h in m._forward_hooks.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_static_ranges_a16_close_a8_coarser(arch):
+    model = FACTORIES[arch]()
+    x = ids(seed=1)
+    cal = torch.cat([x, ids(n=8, seed=2)])  # ranges cover x: only rounding remains
+    ref = logits(model, x)
+    errs = {}
+    for a_bits in (16, 8):
+        qs = Quantizers(model, StaticConfig(a_bits=a_bits))
+        observe_ranges(model, qs, cal)
+        table = qs.table()
+        assert len(table) == len(arch_for(model).act_points) * model.config.num_hidden_layers
+        assert all(r["lo"] <= r["hi"] for r in table.values())
+        errs[a_bits] = (logits(model, x) - ref).pow(2).mean().item()
+        qs.remove()
+    assert errs[16] < 1e-3 * ref.pow(2).mean().item()
+    assert errs[16] < errs[8]
+
+
+def test_unobserved_or_nan_range_is_a_clear_error():
+    model = FACTORIES["llama"]()
+    qs = Quantizers(model, StaticConfig())
+    with pytest.raises(EdgequantError, match="never observed"):
+        qs.freeze()
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[0] = float("nan")
+    with pytest.raises(EdgequantError, match="NaN"):
+        observe_ranges(model, qs, ids())
+
+
+def test_unsupported_architecture_has_no_precision_map():
+    with pytest.raises(EdgequantError, match="precision map"):
+        Quantizers(FACTORIES["opt"](), StaticConfig())
+
+
+@pytest.mark.parametrize("w_bits,sym", [(8, False), (4, False), (4, True)])
+def test_static_weight_grids(w_bits, sym):
+    model = FACTORIES["llama"]()
+    cfg = StaticConfig(w_bits=w_bits, w_symmetric=sym)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    quantize_weights(model, cfg)
+    for n, p in model.named_parameters():
+        if "proj" not in n:
+            assert torch.equal(p, before[n])
+            continue
+        per_row = w_bits == 4 or "down_proj" in n
+        levels = [torch.unique(r).numel() for r in p] if per_row else [torch.unique(p).numel()]
+        assert max(levels) <= 2**w_bits
+    w = torch.randn(16, 32)
+    q = static_weight(w, QuantConfig(8, -1), per_channel=False)
+    assert torch.unique(q).numel() <= 256 and (q - w).abs().max() < (w.max() - w.min()) / 255
+
+
+def outlier_inputs(n=512, c=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, generator=gen)
+    x[:, :3] *= 50.0  # outlier channels, as in LLM activations
+    return x, torch.randn(48, c, generator=gen) * 0.05
+
+
+def test_smoothing_lowers_static_w8a8_error():
+    x, w = outlier_inputs()
+    grid = [(QuantConfig(8, -1), False)]
+    plain = static_error(x, [w], grid, torch.ones(64), 8)
+    s = smooth_scale(x.abs().amax(0), w.abs().amax(0), 0.5)
+    assert static_error(x, [w], grid, s, 8) < 0.5 * plain
+    # the float product is unchanged by the scale
+    assert torch.allclose((x / s) @ (w * s).T, x @ w.T, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("alpha", [0.5, None])
+def test_smoothquant_folding_keeps_float_outputs(arch, alpha, tmp_path):
+    model = FACTORIES[arch]()
+    x = ids(seed=3)
+    ref = logits(model, x)
+    recipe = smoothquant(model, ids(n=8, seed=4), StaticConfig(alpha=alpha, search_tokens=128))
+    if alpha is not None:
+        assert len(recipe.scales) >= 3 * model.config.num_hidden_layers
+    assert (logits(model, x) - ref).abs().max() < 1e-4
+    path = tmp_path / "sq.safetensors"
+    recipe.save(path)
+    fresh = FACTORIES[arch]()
+    apply_recipe(fresh, Recipe.load(path), quantize=False)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
