@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from edgequant.config import AWQConfig, CalibConfig, QuantConfig
+from edgequant.config import AWQConfig, CalibConfig, QuantConfig, StaticConfig
 from edgequant.errors import EdgequantError
 from edgequant.gptq import GPTQConfig
 from edgequant.recipe import Recipe, apply_recipe
@@ -61,6 +61,36 @@ def quantize_model(
     result = gptq_quantize(model, _calibration(tokenizer, calib), recipe.quant, gptq)
     finalize(model, recipe.quant, result.qparams)
     return recipe
+
+
+STATIC_METHODS = ("static-rtn", "smoothquant")
+
+
+def quantize_static(
+    model: nn.Module,
+    tokenizer,
+    method: str = "smoothquant",
+    cfg: StaticConfig | None = None,
+    calib: CalibConfig | None = None,
+):
+    """Integer-only (W8A8 / W4A8) simulation of a loaded float model, in place.
+
+    SmoothQuant's scales are folded first (method "smoothquant"), the weights rounded onto
+    their static grids, then every activation range is observed on the calibration set.
+    Returns (Quantizers: the attached quantizers and their range table, Recipe or None).
+    """
+    from edgequant.smoothquant import smoothquant
+    from edgequant.static import Quantizers, observe_ranges, quantize_weights
+
+    cfg, calib = cfg or StaticConfig(), calib or CalibConfig()
+    if method not in STATIC_METHODS:
+        raise EdgequantError(f"unknown method {method!r}; choose from {', '.join(STATIC_METHODS)}")
+    ids = _calibration(tokenizer, calib)
+    recipe = smoothquant(model, ids, cfg) if method == "smoothquant" else None
+    quantize_weights(model, cfg)
+    qs = Quantizers(model, cfg)
+    observe_ranges(model, qs, ids)
+    return qs, recipe
 
 
 def _calibration(tokenizer, calib: CalibConfig):

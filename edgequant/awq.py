@@ -132,6 +132,14 @@ def row_errors(
     return ((d_clip @ gram) * d_clip).sum(1) <= ((d_plain @ gram) * d_plain).sum(1)
 
 
+def chunk_subset(n_chunks: int, chunk: int, samples: int) -> list[int]:
+    """Indices of evenly spaced chunks holding about `samples` samples (0: every chunk)."""
+    if samples <= 0 or samples >= n_chunks * chunk:
+        return list(range(n_chunks))
+    k = max(1, math.ceil(samples / chunk))
+    return [round(j * n_chunks / k) for j in range(k)]
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -178,8 +186,12 @@ class AWQSearch:
     def _scale_loss(self, block, group, xs, w_cat, gram, n, call) -> Callable:
         # returns loss(s [C]) over the group's input channels
         """The search objective for one group: fast (sampled Gram) or the paper's exact loss."""
-        if self.acfg.search == "fast":
+        if self.acfg.search == "fast" and (
+            not self.acfg.loss_samples or group.linears == (group.inspect,)
+        ):
             return lambda s: scaled_error(w_cat, s, self.qcfg, gram, n)
+        if self.acfg.search == "fast":
+            return self._exact_loss([block.get_submodule(n) for n in group.linears], call)
         if group.linears == (group.inspect,):
             # one inspected linear: its output MSE over all tokens is tr(D G D^T) / (N out)
             flats = [x.reshape(-1, x.shape[-1]).float() for x in xs]
@@ -255,13 +267,14 @@ class AWQSearch:
         """One chunked forward of block i; each group is searched when its input is complete."""
         groups = self.spec.groups
         exact = self.acfg.search == "exact"
+        module_loss = exact or self.acfg.loss_samples > 0
         originals = {n: block.get_submodule(n).weight.data for g in groups for n in g.linears}
         done: dict[str, tuple] = {}
         inspect_args: dict[str, list] = {g.name: [] for g in groups}
         searching = [False]
         handles = []
         for g in groups:
-            if exact and g.inspect not in g.linears:
+            if module_loss and g.inspect not in g.linears:
 
                 def keep(m, args, kw, g=g):
                     if not searching[0]:
@@ -272,10 +285,11 @@ class AWQSearch:
 
         def on_all(xs: list[torch.Tensor], g: ScaleGroup) -> None:
             mod = block.get_submodule(g.inspect)
+            pick = chunk_subset(len(xs), xs[0].shape[0], 0 if exact else self.acfg.loss_samples)
             if g.inspect in g.linears:
-                call = lambda: torch.cat([mod(x) for x in xs])  # noqa: E731
+                call = lambda: torch.cat([mod(xs[k]) for k in pick])  # noqa: E731
             else:
-                saved = inspect_args[g.name]
+                saved = [inspect_args[g.name][k] for k in pick] if module_loss else []
                 call = lambda: torch.cat([_first(mod(*a, **kw)) for a, kw in saved])  # noqa: E731
             searching[0] = True
             try:

@@ -57,6 +57,9 @@ class AWQConfig:
     gqa_fold: bool = False  # also scale v_proj -> o_proj under GQA (peers skip it)
     search: str = "fast"
     gram_tokens: int = 8192
+    # fast search, groups of several linears: > 0 scores s by the inspected module's output
+    # (the exact loss) on this many calibration samples instead of the Gram form
+    loss_samples: int = 0
     bf16_matmul: bool = True  # fast search only: block forwards as bf16 matmuls, fp32 accumulate
     clip: bool = True
     clip_form: str = "asym"
@@ -123,3 +126,36 @@ class StaticConfig:
             raise EdgequantError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
         if self.alpha_grid < 1 or self.search_tokens < 1:
             raise EdgequantError("alpha_grid and search_tokens must be positive")
+
+
+@dataclass(frozen=True)
+class MobileQuantConfig:
+    """MobileQuant's end-to-end training (Tan et al. 2024), on top of SmoothQuant.
+
+    Learned jointly: equivalent-transformation scales (SmoothQuant's pairs, initialised to 1,
+    kept >= min_scale), weight clipping (sigmoid of a logit times the weight's min / max,
+    per output channel or per tensor, logits initialised to clip_init) and every activation
+    range (relative to its observed width). Loss: MSE of the last hidden state against the
+    float model's on the same calibration windows. AdamW without weight decay, one learning
+    rate per parameter group, cosine decay. Defaults fit a 2-core CPU; the paper trains
+    1024 x 2048 tokens for 60 epochs.
+    """
+
+    epochs: int = 2
+    batch: int = 4  # calibration windows per step
+    lr_scale: float = 1e-3
+    lr_clip: float = 1e-2
+    lr_range: float = 1e-3
+    clip_per_channel: bool = True
+    clip_init: float = 4.0
+    min_scale: float = 1e-2
+    save_every: int = 10  # steps between resumable checkpoints (with a state path)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch < 1 or self.save_every < 1:
+            raise EdgequantError("epochs, batch and save_every must be positive")
+        if min(self.lr_scale, self.lr_clip, self.lr_range) < 0:
+            raise EdgequantError("learning rates must be >= 0")
+        if self.min_scale <= 0:
+            raise EdgequantError(f"min_scale must be positive, got {self.min_scale}")

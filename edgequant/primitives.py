@@ -106,3 +106,11 @@ def fake_quant_static(
     scale, zero = static_qparams(lo, hi, bits)
     q = torch.clamp(round_ste(x.float() / scale) + zero, 0, 2**bits - 1)
     return ((q - zero) * scale).to(x.dtype)
+
+
+def fake_quant_sym(x: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:
+    # x [...], amax broadcastable to x -> x on the signed grid -2^(b-1)..2^(b-1)-1 of
+    # scale amax / (2^(b-1) - 1); differentiable in x and amax (straight-through rounding)
+    qmax = 2 ** (bits - 1) - 1
+    scale = amax.clamp(min=1e-8) / qmax
+    return (torch.clamp(round_ste(x.float() / scale), -qmax - 1, qmax) * scale).to(x.dtype)

@@ -30,7 +30,8 @@ class ActQuant(nn.Module):
     """One static per-tensor asymmetric quantizer: range [lo, hi] on 2^bits levels.
 
     mode "observe" widens the range to what passes through (and passes it unchanged),
-    "quant" fake-quantizes, "off" passes through.
+    "quant" fake-quantizes, "off" passes through. For training, `relative(True)` holds the
+    range in units of its observed width (so one learning rate suits every point).
     """
 
     def __init__(self, bits: int, name: str):
@@ -38,10 +39,25 @@ class ActQuant(nn.Module):
         self.bits, self.name, self.mode = bits, name, "observe"
         self.lo = nn.Parameter(torch.tensor(math.inf), requires_grad=False)
         self.hi = nn.Parameter(torch.tensor(-math.inf), requires_grad=False)
+        self.register_buffer("unit", torch.tensor(1.0))
+
+    @torch.no_grad()
+    def relative(self, on: bool) -> None:
+        """Hold lo/hi in units of the observed width (on) or as values (off); same range."""
+        width = ((self.hi - self.lo) * self.unit).clamp(min=1e-8)
+        unit = width if on else torch.ones_like(width)
+        self.lo.mul_(self.unit / unit)
+        self.hi.mul_(self.unit / unit)
+        self.unit.copy_(unit)
+
+    def range(self) -> dict:
+        """The effective range (widened to hold 0, as quantizing does) and bit width."""
+        lo, hi = (self.lo * self.unit).item(), (self.hi * self.unit).item()
+        return {"bits": self.bits, "lo": min(lo, 0.0), "hi": max(hi, 0.0)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
-            return fake_quant_static(x, self.lo, self.hi, self.bits)
+            return fake_quant_static(x, self.lo * self.unit, self.hi * self.unit, self.bits)
         if self.mode == "observe":
             with torch.no_grad():
                 xf = x.detach().float()
@@ -50,7 +66,8 @@ class ActQuant(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"{self.name}, bits={self.bits}, range=[{self.lo.item():.4g}, {self.hi.item():.4g}]"
+        lo, hi = (self.lo * self.unit).item(), (self.hi * self.unit).item()
+        return f"{self.name}, bits={self.bits}, range=[{lo:.4g}, {hi:.4g}]"
 
 
 def point_bits(point: ActPoint, cfg: StaticConfig) -> int:
@@ -166,10 +183,7 @@ class Quantizers(nn.Module):
 
     def table(self) -> dict[str, dict]:
         """The range table: per point its bits and [lo, hi]."""
-        return {
-            q.name: {"bits": q.bits, "lo": q.lo.item(), "hi": q.hi.item()}
-            for q in self.quant.values()
-        }
+        return {q.name: q.range() for q in self.quant.values()}
 
     def remove(self) -> None:
         for h in self._handles:

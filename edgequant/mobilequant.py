@@ -1,0 +1,250 @@
+"""MobileQuant (Tan et al., 2024): integer-only W8A8 / W4A8, learned end to end.
+
+Starting from SmoothQuant, three kinds of parameters are trained jointly through the whole
+fake-quantized model: the equivalent-transformation scales of SmoothQuant's pairs (each a
+per-channel s dividing the previous op's output and multiplying the group's weight columns),
+the weight clipping (sigmoid(logit) times the weight's min and max) and every static
+activation range. Weights are parametrized (torch.nn.utils.parametrize), so the float
+weights stay untouched until `bake` writes the learned, quantized ones. The loss is the MSE
+of the last hidden state (after the final norm) against the float model's on the same
+calibration windows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from edgequant.arch import ArchSpec, arch_for, blocks_of, fold_index
+from edgequant.config import MobileQuantConfig, QuantConfig, StaticConfig
+from edgequant.errors import EdgequantError
+from edgequant.io import atomic_path
+from edgequant.primitives import fake_quant_static, fake_quant_sym
+from edgequant.static import Quantizers, observe_ranges, weight_config
+
+
+class EffectiveWeight(nn.Module):
+    """A linear's weight as trained: (w * s_in) / s_out, clipped, on its static grid."""
+
+    def __init__(self, shape, qcfg: QuantConfig, per_channel: bool, mcfg: MobileQuantConfig):
+        super().__init__()
+        self.qcfg, self.per_channel, self.min_scale = qcfg, per_channel, mcfg.min_scale
+        rows = shape[0] if per_channel and mcfg.clip_per_channel else 1
+        self.lo_logit = nn.Parameter(torch.full((rows, 1), mcfg.clip_init))
+        self.hi_logit = nn.Parameter(torch.full((rows, 1), mcfg.clip_init))
+        self.s_in: nn.Parameter | None = None  # shared with the group; set by `attach`
+        self.s_out: nn.Parameter | None = None
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        # w [out, in] float weight -> [out, in] fake-quantized effective weight
+        if self.s_in is not None:
+            w = w * self.s_in.clamp(min=self.min_scale)
+        if self.s_out is not None:
+            w = w / self.s_out.clamp(min=self.min_scale).unsqueeze(1)
+        flat = w if self.per_channel else w.reshape(1, -1)
+        if self.qcfg.zero_point:
+            lo = torch.sigmoid(self.lo_logit) * flat.amin(1, keepdim=True)
+            hi = torch.sigmoid(self.hi_logit) * flat.amax(1, keepdim=True)
+            q = fake_quant_static(flat, lo, hi, self.qcfg.bits)
+        else:
+            amax = torch.sigmoid(self.hi_logit) * flat.abs().amax(1, keepdim=True)
+            q = fake_quant_sym(flat, amax, self.qcfg.bits)
+        return q.reshape(w.shape)
+
+
+class EffectiveNorm(nn.Module):
+    """A norm's weight with the scale of the group it feeds folded in (w / s, or 1+w form)."""
+
+    def __init__(self, s: nn.Parameter, kind: str, min_scale: float):
+        super().__init__()
+        if kind not in ("rms", "rms_one_plus"):
+            raise EdgequantError(f"MobileQuant cannot fold scales into {kind} norms")
+        self.s, self.kind, self.min_scale = s, kind, min_scale
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        # w [C] -> [C]
+        s = self.s.clamp(min=self.min_scale)
+        return (1.0 + w) / s - 1.0 if self.kind == "rms_one_plus" else w / s
+
+
+class Learnables(nn.Module):
+    """The trained parameters: scales per (block, group), clip logits per linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.scales = nn.ParameterDict()
+        self.weights = nn.ModuleDict()  # "block/linear" -> EffectiveWeight
+
+    def groups(self, ranges: list[nn.Parameter], mcfg: MobileQuantConfig) -> list[dict]:
+        clips = [p for w in self.weights.values() for p in (w.lo_logit, w.hi_logit)]
+        return [
+            {"params": list(self.scales.values()), "lr": mcfg.lr_scale},
+            {"params": clips, "lr": mcfg.lr_clip},
+            {"params": ranges, "lr": mcfg.lr_range},
+        ]
+
+
+def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQuantConfig):
+    """Parametrize every block linear (and the norms that feed a group) -> Learnables."""
+    learn = Learnables()
+    for i, block in enumerate(blocks_of(model, spec)):
+        for g in spec.groups:
+            for name in g.linears:
+                lin = block.get_submodule(name)
+                qcfg, per_channel = weight_config(name, spec, scfg)
+                eff = EffectiveWeight(lin.weight.shape, qcfg, per_channel, mcfg)
+                learn.weights[f"{i}/{name}".replace(".", "_")] = eff
+        for g in spec.groups:
+            if fold_index(block, g, gqa=False) is None:
+                continue
+            c = block.get_submodule(g.linears[0]).in_features
+            s = learn.scales[f"{i}/{g.name}"] = nn.Parameter(torch.ones(c))
+            for name in g.linears:
+                learn.weights[f"{i}/{name}".replace(".", "_")].s_in = s
+            prev = block.get_submodule(g.prev)
+            if isinstance(prev, nn.Linear):
+                learn.weights[f"{i}/{g.prev}".replace(".", "_")].s_out = s
+            else:
+                parametrize.register_parametrization(
+                    prev, "weight", EffectiveNorm(s, spec.norm, mcfg.min_scale)
+                )
+        for g in spec.groups:
+            for name in g.linears:
+                eff = learn.weights[f"{i}/{name}".replace(".", "_")]
+                parametrize.register_parametrization(block.get_submodule(name), "weight", eff)
+    return learn
+
+
+def bake(model: nn.Module) -> None:
+    """Write every parametrized weight as its learned effective value; drop the parametrizations."""
+    for m in list(model.modules()):
+        if parametrize.is_parametrized(m):
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def last_hidden(model: nn.Module, spec: ArchSpec, ids: torch.Tensor) -> torch.Tensor:
+    # ids [B, T] -> [B, T, H], the final norm's output (the model's lm_head never runs)
+    caught = []
+
+    def hook(module, args, out):
+        caught.append(out)
+        raise _Stop
+
+    norm = model.get_submodule(spec.decode.final_norm)
+    handle = norm.register_forward_hook(hook)
+    try:
+        model(ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return caught[0].float()
+
+
+@torch.no_grad()
+def float_targets(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch: int):
+    # ids [N, T] -> [N, T, H] float model's last hidden states
+    starts = range(0, len(ids), batch)
+    return torch.cat([last_hidden(model, spec, ids[k : k + batch]) for k in starts])
+
+
+def _state(step, learn, qs, opt, sched, mcfg, losses) -> dict:
+    return {
+        "step": step,
+        "learnables": learn.state_dict(),
+        "ranges": qs.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "config": asdict(mcfg),
+        "losses": losses,
+    }
+
+
+def _save(path, state: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _resume(path, learn, qs, opt, sched, mcfg) -> tuple[int, list]:
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated or foreign files
+        raise EdgequantError(f"cannot resume from {path}: {e}") from None
+    if state.get("config") != asdict(mcfg):
+        raise EdgequantError(f"{path} was saved with another MobileQuant configuration")
+    learn.load_state_dict(state["learnables"])
+    qs.load_state_dict(state["ranges"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state["step"], state["losses"]
+
+
+def train(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    scfg: StaticConfig,
+    mcfg: MobileQuantConfig,
+    state_path=None,
+    max_steps: int | None = None,
+) -> tuple[Quantizers, list[float]]:
+    """Learn MobileQuant's parameters on calibration ids [N, T] (model already smoothed).
+
+    Resumes from `state_path` when it exists (same configuration), saves there every
+    `save_every` steps; `max_steps` stops early (the state is saved). At the end the weights
+    are baked; returns the quantizers (ranges learned, quantizing) and the loss per step.
+    """
+    spec = arch_for(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = float_targets(model, spec, input_ids, mcfg.batch)
+    learn = attach(model, spec, scfg, mcfg)
+    qs = Quantizers(model, scfg)
+    observe_ranges(model, qs, input_ids, mcfg.batch)
+    ranges = []
+    for q in qs.quant.values():
+        q.relative(True)
+        ranges += [q.lo.requires_grad_(True), q.hi.requires_grad_(True)]
+    opt = torch.optim.AdamW(learn.groups(ranges, mcfg), weight_decay=0.0)
+    per_epoch = math.ceil(len(input_ids) / mcfg.batch)
+    total = mcfg.epochs * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total))
+    )
+    step, losses = 0, []
+    if state_path is not None and state_path.is_file():
+        step, losses = _resume(state_path, learn, qs, opt, sched, mcfg)
+    stop = total if max_steps is None else min(total, max_steps)
+    bar = tqdm(range(step, stop), initial=step, total=total, desc="mobilequant", unit="step")
+    for step in bar:
+        epoch, k = divmod(step, per_epoch)
+        gen = torch.Generator().manual_seed(mcfg.seed + epoch)
+        order = torch.randperm(len(input_ids), generator=gen)
+        b = order[k * mcfg.batch : (k + 1) * mcfg.batch]
+        loss = F.mse_loss(last_hidden(model, spec, input_ids[b]), targets[b])
+        if not torch.isfinite(loss):
+            raise EdgequantError(f"MobileQuant loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        if state_path is not None and ((step + 1) % mcfg.save_every == 0 or step + 1 == stop):
+            _save(state_path, _state(step + 1, learn, qs, opt, sched, mcfg, losses))
+    for p in ranges:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        bake(model)
+    for q in qs.quant.values():
+        q.relative(False)
+    return qs, losses

@@ -1,0 +1,68 @@
+import pytest
+import torch
+from conftest import FACTORIES
+
+from edgequant.arch import arch_for
+from edgequant.config import MobileQuantConfig, StaticConfig
+from edgequant.errors import EdgequantError
+from edgequant.mobilequant import float_targets, last_hidden, train
+from edgequant.smoothquant import smoothquant
+
+SCFG = StaticConfig(w_bits=4, search_tokens=128)
+MCFG = MobileQuantConfig(
+    epochs=6, batch=4, lr_scale=1e-2, lr_clip=1e-1, lr_range=1e-2, save_every=2
+)
+
+
+def calib(n=8, t=32):
+    return torch.randint(0, 320, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+def smoothed(arch):
+    model = FACTORIES[arch]()
+    smoothquant(model, calib(), SCFG)
+    return model
+
+
+@torch.no_grad()
+def full_loss(model, targets):
+    out = last_hidden(model, arch_for(model), calib())
+    return torch.nn.functional.mse_loss(out, targets).item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_training_lowers_the_loss_and_bakes_quantized_weights(arch):
+    ref = smoothed(arch)
+    targets = float_targets(ref, arch_for(ref), calib(), 4)
+    start, trained = smoothed(arch), smoothed(arch)
+    train(start, calib(), SCFG, MCFG, max_steps=0)
+    qs, losses = train(trained, calib(), SCFG, MCFG)
+    assert len(losses) == MCFG.epochs * 2
+    assert full_loss(trained, targets) < 0.9 * full_loss(start, targets)
+    # baked: no parametrization left, every block linear on a 4-bit grid per row
+    lin = trained.model.layers[0].mlp.down_proj
+    assert not hasattr(lin, "parametrizations")
+    assert max(torch.unique(r).numel() for r in lin.weight) <= 16
+    assert all(r["lo"] <= 0 <= r["hi"] for r in qs.table().values())
+
+
+def test_resumed_run_continues_from_the_saved_step(tmp_path):
+    path = tmp_path / "mq.pt"
+    whole, _ = train(smoothed("llama"), calib(), SCFG, MCFG)
+    first = smoothed("llama")
+    train(first, calib(), SCFG, MCFG, state_path=path, max_steps=5)
+    assert torch.load(path, weights_only=True)["step"] == 5
+    model = smoothed("llama")
+    resumed, losses = train(model, calib(), SCFG, MCFG, state_path=path)
+    assert len(losses) == MCFG.epochs * 2  # the first five losses came from the saved state
+    assert torch.load(path, weights_only=True)["step"] == MCFG.epochs * 2
+    for (k, a), b in zip(whole.table().items(), resumed.table().values(), strict=True):
+        assert a == pytest.approx(b, rel=1e-5), k
+
+
+def test_resume_refuses_another_configuration(tmp_path):
+    path = tmp_path / "mq.pt"
+    train(smoothed("llama"), calib(), SCFG, MCFG, state_path=path, max_steps=2)
+    other = MobileQuantConfig(epochs=3)
+    with pytest.raises(EdgequantError, match="another MobileQuant configuration"):
+        train(smoothed("llama"), calib(), SCFG, other, state_path=path)
