@@ -32,12 +32,12 @@ from edgequant.static import Quantizers, observe_ranges, weight_config
 class EffectiveWeight(nn.Module):
     """A linear's weight as trained: (w * s_in) / s_out, clipped, on its static grid."""
 
-    def __init__(self, shape, qcfg: QuantConfig, per_channel: bool, mcfg: MobileQuantConfig):
+    def __init__(self, w: torch.Tensor, qcfg: QuantConfig, per_channel: bool, mcfg):
         super().__init__()
         self.qcfg, self.per_channel, self.min_scale = qcfg, per_channel, mcfg.min_scale
-        rows = shape[0] if per_channel and mcfg.clip_per_channel else 1
-        self.lo_logit = nn.Parameter(torch.full((rows, 1), mcfg.clip_init))
-        self.hi_logit = nn.Parameter(torch.full((rows, 1), mcfg.clip_init))
+        rows = w.shape[0] if per_channel and mcfg.clip_per_channel else 1
+        self.lo_logit = nn.Parameter(torch.full((rows, 1), mcfg.clip_init, device=w.device))
+        self.hi_logit = nn.Parameter(torch.full((rows, 1), mcfg.clip_init, device=w.device))
         self.s_in: nn.Parameter | None = None  # shared with the group; set by `attach`
         self.s_out: nn.Parameter | None = None
 
@@ -98,13 +98,14 @@ def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQua
             for name in g.linears:
                 lin = block.get_submodule(name)
                 qcfg, per_channel = weight_config(name, spec, scfg)
-                eff = EffectiveWeight(lin.weight.shape, qcfg, per_channel, mcfg)
+                eff = EffectiveWeight(lin.weight, qcfg, per_channel, mcfg)
                 learn.weights[f"{i}/{name}".replace(".", "_")] = eff
         for g in spec.groups:
             if fold_index(block, g, gqa=False) is None:
                 continue
             c = block.get_submodule(g.linears[0]).in_features
-            s = learn.scales[f"{i}/{g.name}"] = nn.Parameter(torch.ones(c))
+            dev = block.get_submodule(g.linears[0]).weight.device
+            s = learn.scales[f"{i}/{g.name}"] = nn.Parameter(torch.ones(c, device=dev))
             for name in g.linears:
                 learn.weights[f"{i}/{name}".replace(".", "_")].s_in = s
             prev = block.get_submodule(g.prev)
@@ -175,15 +176,20 @@ def _save(path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def _resume(path, learn, qs, opt, sched, mcfg) -> tuple[int, list]:
+def _load_state(path, learn, qs, mcfg, device) -> dict:
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
-        raise EdgequantError(f"cannot resume from {path}: {e}") from None
+        raise EdgequantError(f"cannot read MobileQuant state {path}: {e}") from None
     if state.get("config") != asdict(mcfg):
         raise EdgequantError(f"{path} was saved with another MobileQuant configuration")
     learn.load_state_dict(state["learnables"])
     qs.load_state_dict(state["ranges"])
+    return state
+
+
+def _resume(path, learn, qs, opt, sched, mcfg, device) -> tuple[int, list]:
+    state = _load_state(path, learn, qs, mcfg, device)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     return state["step"], state["losses"]
@@ -222,7 +228,8 @@ def train(
     )
     step, losses = 0, []
     if state_path is not None and state_path.is_file():
-        step, losses = _resume(state_path, learn, qs, opt, sched, mcfg)
+        device = input_ids.device
+        step, losses = _resume(state_path, learn, qs, opt, sched, mcfg, device)
     stop = total if max_steps is None else min(total, max_steps)
     bar = tqdm(range(step, stop), initial=step, total=total, desc="mobilequant", unit="step")
     for step in bar:
@@ -248,3 +255,20 @@ def train(
     for q in qs.quant.values():
         q.relative(False)
     return qs, losses
+
+
+def apply_trained(model: nn.Module, scfg: StaticConfig, mcfg: MobileQuantConfig, state_path):
+    """Re-apply a saved training state to the smoothed float model it was trained from.
+
+    The weights are baked and every range set as learned; returns the quantizers, quantizing.
+    """
+    spec = arch_for(model)
+    learn = attach(model, spec, scfg, mcfg)
+    qs = Quantizers(model, scfg)
+    _load_state(state_path, learn, qs, mcfg, next(model.parameters()).device)
+    with torch.no_grad():
+        bake(model)
+    for q in qs.quant.values():
+        q.relative(False)
+    qs.freeze()
+    return qs

@@ -74,7 +74,7 @@ class SmoothSearch:
             return smooth_scale(x_max, w_max, self.cfg.alpha)
         n = min(self.cfg.search_tokens, flat.shape[0])
         x = flat[torch.randperm(flat.shape[0], generator=self.gen)[:n]]
-        best, best_err = None, static_error(x, ws, grids, torch.ones(c), self.cfg.a_bits)
+        best, best_err = None, static_error(x, ws, grids, torch.ones_like(x_max), self.cfg.a_bits)
         for i in range(self.cfg.alpha_grid):
             s = smooth_scale(x_max, w_max, i / self.cfg.alpha_grid)
             err = static_error(x, ws, grids, s, self.cfg.a_bits)

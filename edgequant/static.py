@@ -34,12 +34,12 @@ class ActQuant(nn.Module):
     range in units of its observed width (so one learning rate suits every point).
     """
 
-    def __init__(self, bits: int, name: str):
+    def __init__(self, bits: int, name: str, device=None):
         super().__init__()
         self.bits, self.name, self.mode = bits, name, "observe"
-        self.lo = nn.Parameter(torch.tensor(math.inf), requires_grad=False)
-        self.hi = nn.Parameter(torch.tensor(-math.inf), requires_grad=False)
-        self.register_buffer("unit", torch.tensor(1.0))
+        self.lo = nn.Parameter(torch.tensor(math.inf, device=device), requires_grad=False)
+        self.hi = nn.Parameter(torch.tensor(-math.inf, device=device), requires_grad=False)
+        self.register_buffer("unit", torch.tensor(1.0, device=device))
 
     @torch.no_grad()
     def relative(self, on: bool) -> None:
@@ -153,7 +153,7 @@ class Quantizers(nn.Module):
         inner: dict[str, dict[str, ActQuant]] = {}
         for p in spec.act_points:
             name = f"{i}/{p.key}"
-            q = ActQuant(point_bits(p, self.cfg), name)
+            q = ActQuant(point_bits(p, self.cfg), name, next(block.parameters()).device)
             self.quant[name.replace(".", "_")] = q
             mod = block.get_submodule(p.module)
             if p.where == "in":

@@ -5,7 +5,7 @@ from conftest import FACTORIES
 from edgequant.arch import arch_for
 from edgequant.config import MobileQuantConfig, StaticConfig
 from edgequant.errors import EdgequantError
-from edgequant.mobilequant import float_targets, last_hidden, train
+from edgequant.mobilequant import apply_trained, float_targets, last_hidden, train
 from edgequant.smoothquant import smoothquant
 
 SCFG = StaticConfig(w_bits=4, search_tokens=128)
@@ -66,3 +66,17 @@ def test_resume_refuses_another_configuration(tmp_path):
     other = MobileQuantConfig(epochs=3)
     with pytest.raises(EdgequantError, match="another MobileQuant configuration"):
         train(smoothed("llama"), calib(), SCFG, other, state_path=path)
+
+
+def test_saved_state_reapplies_to_the_same_weights_and_ranges(tmp_path):
+    path = tmp_path / "mq.pt"
+    trained = smoothed("llama")
+    qs, _ = train(trained, calib(), SCFG, MCFG, state_path=path)
+    fresh = smoothed("llama")
+    again = apply_trained(fresh, SCFG, MCFG, path)
+    assert again.table() == qs.table()
+    for (n, a), b in zip(trained.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    x = calib(2, 16)
+    with torch.no_grad():
+        assert torch.equal(trained(x).logits, fresh(x).logits)
