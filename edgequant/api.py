@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from edgequant.config import AWQConfig, CalibConfig, QuantConfig, StaticConfig
+from edgequant.config import AWQConfig, CalibConfig, MobileQuantConfig, QuantConfig, StaticConfig
 from edgequant.errors import EdgequantError
 from edgequant.gptq import GPTQConfig
 from edgequant.recipe import Recipe, apply_recipe
@@ -63,7 +63,7 @@ def quantize_model(
     return recipe
 
 
-STATIC_METHODS = ("static-rtn", "smoothquant")
+STATIC_METHODS = ("static-rtn", "smoothquant", "mobilequant")
 
 
 def quantize_static(
@@ -72,13 +72,18 @@ def quantize_static(
     method: str = "smoothquant",
     cfg: StaticConfig | None = None,
     calib: CalibConfig | None = None,
+    mobilequant: MobileQuantConfig | None = None,
+    state_path=None,
 ):
     """Integer-only (W8A8 / W4A8) simulation of a loaded float model, in place.
 
-    SmoothQuant's scales are folded first (method "smoothquant"), the weights rounded onto
-    their static grids, then every activation range is observed on the calibration set.
-    Returns (Quantizers: the attached quantizers and their range table, Recipe or None).
+    SmoothQuant's scales are folded first (methods "smoothquant", "mobilequant"); then either
+    the weights are rounded onto their static grids and every activation range observed on
+    the calibration set, or (mobilequant) scales, clipping and ranges are trained end to end
+    (resumable through `state_path`). Returns (Quantizers: the attached quantizers and their
+    range table, the SmoothQuant Recipe or None).
     """
+    from edgequant.mobilequant import train
     from edgequant.smoothquant import smoothquant
     from edgequant.static import Quantizers, observe_ranges, quantize_weights
 
@@ -86,7 +91,10 @@ def quantize_static(
     if method not in STATIC_METHODS:
         raise EdgequantError(f"unknown method {method!r}; choose from {', '.join(STATIC_METHODS)}")
     ids = _calibration(tokenizer, calib)
-    recipe = smoothquant(model, ids, cfg) if method == "smoothquant" else None
+    recipe = smoothquant(model, ids, cfg) if method != "static-rtn" else None
+    if method == "mobilequant":
+        mcfg = mobilequant or MobileQuantConfig()
+        return train(model, ids, cfg, mcfg, state_path)[0], recipe
     quantize_weights(model, cfg)
     qs = Quantizers(model, cfg)
     observe_ranges(model, qs, ids)

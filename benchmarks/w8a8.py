@@ -1,0 +1,186 @@
+"""Integer-only W8A8 / W4A8 with static per-tensor activation ranges: FP / static RTN /
+SmoothQuant / MobileQuant perplexity and calibration or training wall time.
+
+    python benchmarks/w8a8.py                                   # every model, method, config
+    python benchmarks/w8a8.py --models smollm2-135m --methods static-rtn --configs w8a8
+    python benchmarks/w8a8.py --models gemma3-270m --methods mobilequant --configs w4a8 \\
+        --load-trained DIR     # a MobileQuant run trained elsewhere (e.g. on a GPU)
+
+Rows merge into benchmarks/results/w8a8.json by (model, config, method); w8a8.md is rendered
+from the JSON with the checks of issue #6: MobileQuant beats SmoothQuant on every row and
+text, and its W8A8 perplexity is within 10% of FP on both models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from edgequant.api import quantize_static
+from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
+from edgequant.data import evaluation_ids, get_source
+from edgequant.evaluate import perplexity
+from edgequant.io import atomic_write_text
+from edgequant.mobilequant import apply_trained
+from edgequant.recipe import Recipe, apply_recipe
+from edgequant.zoo import load
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = ("smollm2-135m", "gemma3-270m")
+CONFIGS = {"w8a8": StaticConfig(w_bits=8), "w4a8": StaticConfig(w_bits=4)}
+METHODS = ("static-rtn", "smoothquant", "mobilequant")
+TEXTS = ("austen", "pydocs")
+
+
+def key(r: dict) -> str:
+    return f"{r['model']}|{r['config']}|{r['method']}"
+
+
+def mobilequant_row(model, tok, cfg: StaticConfig, calib: CalibConfig, where: Path | None):
+    """SmoothQuant, then MobileQuant training here, or re-applied from `where` (trained
+    elsewhere: smoothquant.safetensors + mobilequant.pt + run.json). Returns (seconds, info)."""
+    mcfg = MobileQuantConfig()
+    if where is None:
+        t0 = time.perf_counter()
+        quantize_static(model, tok, "mobilequant", cfg, calib, mcfg)
+        return time.perf_counter() - t0, None
+    run = json.loads((where / "run.json").read_text())
+    if run["static"] != cfg.__dict__ or run["mobilequant"] != mcfg.__dict__:
+        raise SystemExit(f"{where} was trained with other configs: {run}")
+    apply_recipe(model, Recipe.load(where / "smoothquant.safetensors"), quantize=False)
+    apply_trained(model, cfg, mcfg, where / "mobilequant.pt")
+    return run["seconds"], {"device": run["device"], "torch": run["torch"]}
+
+
+def run_model(name: str, args, results: dict, path: Path) -> None:
+    model, tok = load(name)
+    ids = {t: evaluation_ids(tok, get_source(t)) for t in TEXTS}
+    calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
+
+    def record(model, config, method, seconds, trained_on=None):
+        ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
+        row = {"model": name, "config": config, "method": method, "seconds": round(seconds, 1)}
+        row |= {"ppl": ppl, "commit": args.commit}
+        if trained_on:
+            row["trained_on"] = trained_on
+        results["rows"][key(row)] = row
+        save(path, results)
+        print(f"{key(row)}: " + ", ".join(f"{t} {p['ppl']:.3f}" for t, p in ppl.items()))
+
+    if "fp" in args.methods:
+        record(model, "fp", "fp", 0.0)
+    for config in args.configs:
+        cfg = CONFIGS[config]
+        for method in args.methods:
+            if method == "fp":
+                continue
+            model, tok = load(name)
+            if method == "mobilequant":
+                seconds, info = mobilequant_row(model, tok, cfg, calib, args.load_trained)
+                record(model, config, method, seconds, info)
+                continue
+            t0 = time.perf_counter()
+            quantize_static(model, tok, method, cfg, calib)
+            record(model, config, method, time.perf_counter() - t0)
+
+
+def ppl(row: dict | None, text: str) -> float | None:
+    return row["ppl"][text]["ppl"] if row else None
+
+
+def checks(rows: dict) -> list[tuple[str, bool | None]]:
+    out = []
+    for name in MODELS:
+        fp = rows.get(f"{name}|fp|fp")
+        for config in CONFIGS:
+            mq = rows.get(f"{name}|{config}|mobilequant")
+            sq = rows.get(f"{name}|{config}|smoothquant")
+            for t in TEXTS:
+                what = f"{name} {config} {t}: MobileQuant < SmoothQuant"
+                if mq is None or sq is None:
+                    out.append((what, None))
+                    continue
+                out.append(
+                    (f"{what} ({ppl(mq, t):.3f} vs {ppl(sq, t):.3f})", ppl(mq, t) < ppl(sq, t))
+                )
+                if config == "w8a8" and fp is not None:
+                    r = ppl(mq, t) / ppl(fp, t) - 1
+                    out.append(
+                        (f"{name} W8A8 {t}: MobileQuant within 10% of FP ({r:+.1%})", r <= 0.1)
+                    )
+    return out
+
+
+def render(results: dict) -> str:
+    rows = results["rows"]
+    order = ["fp", *METHODS]
+    lines = [
+        "# Integer-only W8A8 / W4A8: static per-tensor activation ranges",
+        "",
+        results.get("protocol", ""),
+        "",
+        "| model | config | method | ppl austen | ppl pydocs (held out) | time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(
+        rows.values(), key=lambda r: (r["model"], r["config"], order.index(r["method"]))
+    ):
+        secs = f"{r['seconds']}" + (f" ({r['trained_on']['device']})" if "trained_on" in r else "")
+        cells = " | ".join(f"{ppl(r, t):.3f}" for t in TEXTS)
+        lines.append(f"| {r['model']} | {r['config']} | {r['method']} | {cells} | {secs} |")
+    word = {True: "PASS", False: "FAIL", None: "MISSING"}
+    lines += ["", "## Checks", "", *(f"- {word[ok]}: {t}" for t, ok in checks(rows))]
+    lines += ["", f"Machine: {results.get('machine', '')}", ""]
+    return "\n".join(lines)
+
+
+def save(path: Path, results: dict) -> None:
+    atomic_write_text(path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(path.with_suffix(".md"), render(results))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--methods", default="fp," + ",".join(METHODS))
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--max-windows", type=int, default=8)
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--load-trained", type=Path, help="a MobileQuant run trained elsewhere")
+    p.add_argument("--out", type=Path, default=RESULTS / "w8a8.json")
+    args = p.parse_args()
+    args.methods, args.configs = args.methods.split(","), args.configs.split(",")
+    if args.load_trained and (len(args.configs) != 1 or "," in args.models):
+        p.error("--load-trained needs one model and one config")
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
+    args.commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    results["machine"] = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    results["protocol"] = (
+        f"Perplexity: first {args.max_windows} non-overlapping 2048-token windows of each text "
+        "(austen = Pride and Prejudice; pydocs = held-out reference/ and faq/). Calibration and "
+        f"training: pydocs, {args.n_samples} x {args.seqlen} tokens, seed 0. Weights W8 "
+        "per-tensor (down_proj per-channel) or W4 per-channel, asymmetric; activations static "
+        "per-tensor asymmetric on the precision map (8-bit linear inputs/outputs and KV cache, "
+        "16-bit residual stream, o/down outputs and softmax). FP = the GGUF weights "
+        "dequantized (they already sit on a 4-bit grid)."
+    )
+    for name in args.models.split(","):
+        run_model(name, args, results, args.out)
+    print(render(results))
+
+
+if __name__ == "__main__":
+    main()
