@@ -4,7 +4,14 @@ import pytest
 import torch
 from conftest import FACTORIES, llama
 
-from edgequant.awq import awq_quantize, candidate_scale, clip_bounds, gram_error, search_scale
+from edgequant.awq import (
+    awq_quantize,
+    candidate_scale,
+    chunk_subset,
+    clip_bounds,
+    gram_error,
+    search_scale,
+)
 from edgequant.config import AWQConfig, QuantConfig
 from edgequant.primitives import fake_quantize, group_minmax
 from edgequant.recipe import Recipe, apply_recipe
@@ -167,3 +174,21 @@ def test_clip_all_adds_q_and_k_to_the_clip_search():
     qk = {"self_attn.q_proj", "self_attn.k_proj"}
     assert not names[False] & qk
     assert names[True] & qk and names[False] <= names[True]
+
+
+def test_module_loss_on_all_samples_picks_the_exact_scales():
+    # the fast search with loss_samples covering every sample scores s by the same module
+    # output loss as the exact search (here in float32 too), so it finds the same scales
+    q = QuantConfig(3, 16)
+    exact = awq_quantize(llama(), calib_ids(), q, AWQConfig(search="exact", clip=False))
+    sub = AWQConfig(loss_samples=8, bf16_matmul=False, clip=False, gram_tokens=10**6)
+    fast = awq_quantize(llama(), calib_ids(), q, sub)
+    assert exact.scales.keys() == fast.scales.keys()
+    for k in exact.scales:
+        assert torch.allclose(exact.scales[k], fast.scales[k]), k
+
+
+def test_chunk_subset_spreads_over_the_calibration_set():
+    assert chunk_subset(32, 4, 0) == list(range(32))
+    assert chunk_subset(32, 4, 16) == [0, 8, 16, 24]
+    assert chunk_subset(3, 4, 100) == [0, 1, 2]

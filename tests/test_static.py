@@ -140,3 +140,30 @@ def test_smoothquant_folding_keeps_float_outputs(arch, alpha, tmp_path):
     apply_recipe(fresh, Recipe.load(path), quantize=False)
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("method", ["static-rtn", "smoothquant", "mobilequant"])
+def test_quantize_static_api(method, tokenizer, calib_file):
+    from edgequant.api import quantize_static
+    from edgequant.config import CalibConfig, MobileQuantConfig
+
+    model = FACTORIES["llama"]()
+    x = ids(seed=5)
+    ref = logits(model, x)
+    calib = CalibConfig(source=str(calib_file), n_samples=8, seqlen=32)
+    qs, recipe = quantize_static(
+        model, tokenizer, method, StaticConfig(), calib, MobileQuantConfig(epochs=1)
+    )
+    assert (recipe is None) == (method == "static-rtn")
+    out = logits(model, x)
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert all(q.mode == "quant" for q in qs.quant.values())
+    qs.remove()
+    assert not torch.equal(logits(model, x), ref)  # the weights stay on their grids
+
+
+def test_quantize_static_unknown_method(tokenizer):
+    from edgequant.api import quantize_static
+
+    with pytest.raises(EdgequantError, match="unknown method"):
+        quantize_static(FACTORIES["llama"](), tokenizer, "gptq")
