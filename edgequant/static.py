@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from edgequant.arch import ActPoint, ArchSpec, arch_for, blocks_of
 from edgequant.config import QuantConfig, StaticConfig
 from edgequant.errors import EdgequantError
-from edgequant.primitives import fake_quant_static, fake_quantize
+from edgequant.primitives import fake_quant_static, fake_quantize, static_qparams
 
 ATTN_IMPL = "edgequant_static"
 
@@ -30,7 +30,8 @@ class ActQuant(nn.Module):
     """One static per-tensor asymmetric quantizer: range [lo, hi] on 2^bits levels.
 
     mode "observe" widens the range to what passes through (and passes it unchanged),
-    "quant" fake-quantizes, "off" passes through. For training, `relative(True)` holds the
+    "quant" fake-quantizes, "export" does the same as torch's exportable 8-bit fake-quant
+    (16-bit points pass through), "off" passes through. For training, `relative(True)` holds the
     range in units of its observed width (so one learning rate suits every point).
     """
 
@@ -58,6 +59,11 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "quant":
             return fake_quant_static(x, self.lo * self.unit, self.hi * self.unit, self.bits)
+        if self.mode == "export":  # an ONNX QDQ pair at 8 bits (16-bit points stay float)
+            if self.bits != 8:
+                return x
+            scale, zero = static_qparams(self.lo * self.unit, self.hi * self.unit, 8)
+            return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero), 0, 255)
         if self.mode == "observe":
             with torch.no_grad():
                 xf = x.detach().float()
