@@ -25,7 +25,7 @@ import torch
 
 from edgequant.api import quantize_static
 from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
-from edgequant.data import evaluation_ids, get_source
+from edgequant.data import calibration_ids, evaluation_ids, get_source
 from edgequant.evaluate import perplexity
 from edgequant.io import atomic_write_text
 from edgequant.mobilequant import apply_trained
@@ -91,6 +91,58 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             record(model, config, method, time.perf_counter() - t0)
 
 
+def block_speed(name: str, threads: int, repeats: int) -> list[dict]:
+    """One decoder block (block 0) in ONNX Runtime: int8 QDQ graph vs the float graph, at a
+    1-token and a 512-token input; timed alternately in one process, medians and ratio."""
+    import statistics
+    import tempfile
+
+    from edgequant.onnx_export import block_inputs, export_block, ort_session
+    from edgequant.static import Quantizers, observe_ranges, quantize_weights
+
+    cfg = StaticConfig()
+    model, tok = load(name)
+    quantize_weights(model, cfg)
+    qs = Quantizers(model, cfg)
+    ids = calibration_ids(tok, CalibConfig(n_samples=8, seqlen=512))
+    observe_ranges(model, qs, ids)
+    fmodel, _ = load(name)
+    fqs = Quantizers(fmodel, cfg)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in (1, 512):
+            x = ids[:1, :t]
+            paths = {
+                "int8": export_block(model, qs, 0, x, Path(tmp) / f"int8-{t}.onnx"),
+                "fp32": export_block(fmodel, fqs, 0, x, Path(tmp) / f"fp32-{t}.onnx", False),
+            }
+            sess = {k: ort_session(p, threads=threads) for k, p in paths.items()}
+            inputs, _ = block_inputs(model, 0, x)
+            feed = dict(zip(["hidden", "mask", "cos", "sin"], (v.numpy() for v in inputs), strict=True))
+            feeds = {k: {i.name: feed[i.name] for i in s.get_inputs()} for k, s in sess.items()}
+            times: dict[str, list[float]] = {"int8": [], "fp32": []}
+            for r in range(repeats + 3):
+                for k, s in sess.items():
+                    t0 = time.perf_counter()
+                    s.run(None, feeds[k])
+                    if r >= 3:  # warm-up runs are not counted
+                        times[k].append(time.perf_counter() - t0)
+            med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            rows.append(
+                {
+                    "model": name,
+                    "tokens": t,
+                    "threads": threads,
+                    "int8_ms": round(med["int8"], 3),
+                    "fp32_ms": round(med["fp32"], 3),
+                    "speedup": round(med["fp32"] / med["int8"], 3),
+                    "repeats": repeats,
+                }
+            )
+            print(rows[-1])
+    return rows
+
+
 def ppl(row: dict | None, text: str) -> float | None:
     return row["ppl"][text]["ppl"] if row else None
 
@@ -135,6 +187,14 @@ def render(results: dict) -> str:
         secs = f"{r['seconds']}" + (f" ({r['trained_on']['device']})" if "trained_on" in r else "")
         cells = " | ".join(f"{ppl(r, t):.3f}" for t in TEXTS)
         lines.append(f"| {r['model']} | {r['config']} | {r['method']} | {cells} | {secs} |")
+    lines += ["", "## One decoder block in ONNX Runtime (CPU provider), int8 QDQ vs fp32", ""]
+    lines += ["| model | tokens | threads | int8 (ms) | fp32 (ms) | fp32 / int8 |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for s in results.get("speed", []):
+        lines.append(
+            f"| {s['model']} | {s['tokens']} | {s['threads']} | {s['int8_ms']} | "
+            f"{s['fp32_ms']} | {s['speedup']} |"
+        )
     word = {True: "PASS", False: "FAIL", None: "MISSING"}
     lines += ["", "## Checks", "", *(f"- {word[ok]}: {t}" for t, ok in checks(rows))]
     lines += ["", f"Machine: {results.get('machine', '')}", ""]
@@ -156,6 +216,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--load-trained", type=Path, help="a MobileQuant run trained elsewhere")
     p.add_argument("--out", type=Path, default=RESULTS / "w8a8.json")
+    p.add_argument("--speed", action="store_true", help="only the ONNX Runtime block timing")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=30)
     args = p.parse_args()
     args.methods, args.configs = args.methods.split(","), args.configs.split(",")
     if args.load_trained and (len(args.configs) != 1 or "," in args.models):
@@ -177,6 +240,14 @@ def main() -> None:
         "16-bit residual stream, o/down outputs and softmax). FP = the GGUF weights "
         "dequantized (they already sit on a 4-bit grid)."
     )
+    if args.speed:
+        speed = [s for s in results.get("speed", []) if s["model"] not in args.models]
+        for name in args.models.split(","):
+            speed += block_speed(name, args.threads, args.repeats)
+        results["speed"] = speed
+        save(args.out, results)
+        print(render(results))
+        return
     for name in args.models.split(","):
         run_model(name, args, results, args.out)
     print(render(results))
