@@ -118,7 +118,8 @@ def block_speed(name: str, threads: int, repeats: int) -> list[dict]:
             }
             sess = {k: ort_session(p, threads=threads) for k, p in paths.items()}
             inputs, _ = block_inputs(model, 0, x)
-            feed = dict(zip(["hidden", "mask", "cos", "sin"], (v.numpy() for v in inputs), strict=True))
+            names = ["hidden", "mask", "cos", "sin"]
+            feed = dict(zip(names, (v.numpy() for v in inputs), strict=True))
             feeds = {k: {i.name: feed[i.name] for i in s.get_inputs()} for k, s in sess.items()}
             times: dict[str, list[float]] = {"int8": [], "fp32": []}
             for r in range(repeats + 3):
