@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from edgequant.config import AWQConfig, CalibConfig, MobileQuantConfig, QuantConfig, StaticConfig
+from edgequant.config import (
+    STATIC_METHODS,
+    AWQConfig,
+    CalibConfig,
+    MobileQuantConfig,
+    QuantConfig,
+    StaticConfig,
+)
 from edgequant.errors import EdgequantError
 from edgequant.gptq import GPTQConfig
 from edgequant.recipe import Recipe, apply_recipe
@@ -61,9 +68,6 @@ def quantize_model(
     result = gptq_quantize(model, _calibration(tokenizer, calib), recipe.quant, gptq)
     finalize(model, recipe.quant, result.qparams)
     return recipe
-
-
-STATIC_METHODS = ("static-rtn", "smoothquant", "mobilequant")
 
 
 def quantize_static(

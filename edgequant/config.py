@@ -99,6 +99,9 @@ class CalibConfig:
             )
 
 
+STATIC_METHODS = ("static-rtn", "smoothquant", "mobilequant")  # integer-only W8A8 / W4A8
+
+
 @dataclass(frozen=True)
 class StaticConfig:
     """Integer-only weight + activation quantization with static per-tensor activation ranges.

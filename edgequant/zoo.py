@@ -143,12 +143,16 @@ def load(name_or_path: str):
     """Load (model in float32, eval mode; tokenizer)."""
     from transformers import AutoModelForCausalLM
 
-    from edgequant.checkpoint import load_quantized
+    from edgequant.checkpoint import load_quantized, quant_method
 
     where = resolve(name_or_path)
     tok = load_tokenizer(where)
     if packed_dir(where) is not None:
         return load_quantized(where), tok
+    if Path(where).is_dir() and quant_method(Path(where)) == "edgequant-static":
+        from edgequant.static_checkpoint import load_static
+
+        return load_static(where)[0], tok  # the quantizers stay attached through their hooks
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
     except OSError as e:

@@ -170,3 +170,25 @@ def test_eval_compare_to_reports_kl_and_agreement(capsys, tmp_path, tiny_dir, ca
     assert main([str(a) for a in argv]) == 0
     fid = json.loads(js.read_text())["fidelity"]
     assert abs(fid["kl"]) < 1e-6 and fid["top1"] == 1.0 and fid["ppl_ratio"] == 1.0
+
+
+@pytest.mark.parametrize("method", ["static-rtn", "smoothquant", "mobilequant"])
+def test_quantize_integer_only_save_and_eval(method, capsys, tmp_path, tiny_dir, calib_file):
+    out, js = tmp_path / "q", tmp_path / "e.json"
+    argv = ["quantize", tiny_dir(), "--method", method, "--w-bits", "8", "--a-bits", "8"]
+    argv += ["--n-samples", "8", "--seqlen", "32", "--calib", calib_file, "--epochs", "1"]
+    assert main([str(a) for a in [*argv, "--out", out, "--json", js]]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "edgequant-static" and qc["activation_ranges"]
+    summary = json.loads(js.read_text())
+    assert summary["method"] == method and summary["a_bits"] == 8
+    ev = tmp_path / "ev.json"
+    args = ["eval", out, "--ppl", calib_file, "--max-windows", "1", "--window", "64"]
+    assert main([str(a) for a in [*args, "--json", ev]]) == 0
+    assert json.loads(ev.read_text())["ppl"] > 1
+
+
+def test_integer_only_rejects_bad_bits(capsys, tmp_path, tiny_dir, calib_file):
+    argv = ["quantize", tiny_dir(), "--method", "static-rtn", "--a-bits", "4"]
+    code, err = run(capsys, *argv, "--calib", calib_file)
+    assert code == 2 and "a_bits 8 or 16" in err[-1]

@@ -1,0 +1,53 @@
+"""`edgequant quantize --method static-rtn|smoothquant|mobilequant`: integer-only W8A8 / W4A8."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from edgequant.errors import EdgequantError
+
+
+def add_static_args(p) -> None:
+    g = p.add_argument_group("integer-only methods (static-rtn, smoothquant, mobilequant)")
+    g.add_argument("--a-bits", type=int, default=8, help="8 (the precision map) or 16")
+    g.add_argument("--w-symmetric", action="store_true", help="W4: signed per-channel grid")
+    g.add_argument("--alpha", type=float, help="SmoothQuant alpha (default: searched)")
+    g.add_argument("--epochs", type=int, default=2, help="MobileQuant training epochs")
+    g.add_argument("--batch", type=int, default=4, help="MobileQuant windows per step")
+    g.add_argument("--state", metavar="FILE", help="MobileQuant: save / resume training here")
+
+
+def cmd_quantize_static(a) -> dict:
+    from edgequant.api import quantize_static
+    from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
+    from edgequant.zoo import load
+
+    cfg = StaticConfig(w_bits=a.w_bits, a_bits=a.a_bits, w_symmetric=a.w_symmetric, alpha=a.alpha)
+    mcfg = MobileQuantConfig(epochs=a.epochs, batch=a.batch, seed=a.seed)
+    calib = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
+    if a.out and Path(a.out).exists():
+        raise EdgequantError(f"output directory {a.out} already exists")
+    model, tok = load(a.model)
+    t0 = time.perf_counter()
+    state = Path(a.state) if a.state else None
+    qs, _ = quantize_static(model, tok, a.method, cfg, calib, mcfg, state)
+    seconds = time.perf_counter() - t0
+    print(f"quantized {a.model} with {a.method} w{cfg.w_bits}a{cfg.a_bits} in {seconds:.1f} s")
+    if a.out:
+        from edgequant.static_checkpoint import save_static
+
+        save_static(model, qs, tok, Path(a.out))
+        print(f"integer-only checkpoint written to {a.out}")
+    summary = {
+        "model": a.model,
+        "method": a.method,
+        "w_bits": cfg.w_bits,
+        "a_bits": cfg.a_bits,
+        "seconds": seconds,
+    }
+    if a.ppl:
+        from edgequant.cli import _ppl
+
+        summary["perplexity"] = _ppl(model, tok, a.ppl, 2048, a.max_windows)
+    return summary
