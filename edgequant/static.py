@@ -66,9 +66,9 @@ class ActQuant(nn.Module):
             return torch.fake_quantize_per_tensor_affine(x, float(scale), int(zero), 0, 255)
         if self.mode == "observe":
             with torch.no_grad():
-                xf = x.detach().float()
-                self.lo.copy_(torch.minimum(self.lo, xf.min()))
-                self.hi.copy_(torch.maximum(self.hi, xf.max()))
+                lo, hi = torch.aminmax(x.detach())  # one pass, no float copy
+                self.lo.copy_(torch.minimum(self.lo, lo.float()))
+                self.hi.copy_(torch.maximum(self.hi, hi.float()))
         return x
 
     def extra_repr(self) -> str:
