@@ -104,7 +104,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             method, acfg, gcfg = METHODS[label]
             model, tok = load(name)  # a fresh float model
             if args.load_search:
-                recipe = loaded_search(model, tok, args.load_search, method, q, acfg)
+                recipe = loaded_search(model, tok, args.load_search, method, q, acfg, calib, gcfg)
                 secs = recipe.searched_on.get("seconds", 0.0)
                 record(model, bits, group, label, secs, recipe.report, recipe.searched_on)
                 continue
@@ -113,14 +113,16 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             record(model, bits, group, label, time.perf_counter() - t0, recipe.report)
 
 
-def loaded_search(model, tok, path: Path, method: str, q: QuantConfig, acfg: AWQConfig | None):
+def loaded_search(model, tok, path: Path, method, q: QuantConfig, acfg, calib, gcfg):
     """Apply a saved AWQ search to `model`, after checking it is the search the row names."""
     recipe = Recipe.load(path)
     if (recipe.method, recipe.quant, recipe.awq) != (method, q, acfg):
         raise SystemExit(
             f"{path} holds {recipe.method} {recipe.quant} {recipe.awq}, not {method} {q} {acfg}"
         )
-    return quantize_model(model, tok, method, quant=q, load_search=str(path))
+    return quantize_model(
+        model, tok, method, quant=q, calib=calib, load_search=str(path), gptq=gcfg
+    )
 
 
 def ppl(row: dict | None, text: str) -> float | None:

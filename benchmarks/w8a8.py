@@ -242,8 +242,9 @@ def main() -> None:
         "dequantized (they already sit on a 4-bit grid)."
     )
     if args.speed:
-        speed = [s for s in results.get("speed", []) if s["model"] not in args.models]
-        for name in args.models.split(","):
+        models = args.models.split(",")
+        speed = [s for s in results.get("speed", []) if s["model"] not in models]
+        for name in models:
             speed += block_speed(name, args.threads, args.repeats)
         results["speed"] = speed
         save(args.out, results)

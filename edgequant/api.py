@@ -94,6 +94,10 @@ def quantize_static(
     cfg, calib = cfg or StaticConfig(), calib or CalibConfig()
     if method not in STATIC_METHODS:
         raise EdgequantError(f"unknown method {method!r}; choose from {', '.join(STATIC_METHODS)}")
+    from edgequant.arch import arch_for
+
+    if not arch_for(model).act_points:
+        raise EdgequantError(f"no precision map for {arch_for(model).name} models (integer-only)")
     ids = _calibration(tokenizer, calib)
     recipe = smoothquant(model, ids, cfg) if method != "static-rtn" else None
     if method == "mobilequant":

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
+from edgequant.config import STATIC_QUANT_METHOD
 from edgequant.decoder import Decoder
+from edgequant.errors import EdgequantError
 from edgequant.generate import SamplingConfig, generate
 
 PROMPT_TEXT = (
@@ -25,9 +27,16 @@ def load_decoder(name_or_path: str, max_seq: int, kernel: str = "cpu", lm_head: 
     A packed checkpoint is read as a bare module tree (edgequant.skeleton), without the HF
     model classes; anything else through edgequant.zoo.load.
     """
+    from edgequant.checkpoint import quant_method
     from edgequant.skeleton import NotLean, load_skeleton
-    from edgequant.zoo import load, load_tokenizer, packed_dir
+    from edgequant.zoo import load, load_tokenizer, packed_dir, resolve
 
+    where = Path(resolve(name_or_path))
+    if where.is_dir() and quant_method(where) == STATIC_QUANT_METHOD:
+        raise EdgequantError(
+            f"{name_or_path} is an integer-only checkpoint: its static activation quantizers run "
+            "through `edgequant eval` or the ONNX export, not the weight-only decoder"
+        )
     model = None
     if (where := packed_dir(name_or_path)) is not None:
         with contextlib.suppress(NotLean):

@@ -19,7 +19,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("model", help="zoo name (smollm2-135m, gemma3-270m), model directory or hub id")
     methods = ("rtn", "awq", "gptq", "awq+gptq", *STATIC_METHODS)
     p.add_argument("--method", choices=methods, default="awq")
-    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--w-bits", type=int, help="default 4 (weight-only), 8 (integer-only)")
     p.add_argument("--group-size", type=int, default=128, help="-1 for per-channel")
     zp = p.add_mutually_exclusive_group()
     zp.add_argument("--zero-point", dest="zero_point", action="store_true", default=True)
@@ -156,6 +156,7 @@ def _write_json(path: str, data: dict) -> None:
 
 
 def cmd_quantize(a) -> dict:
+    a.w_bits = a.w_bits or (8 if a.method in STATIC_METHODS else 4)
     if a.method in STATIC_METHODS:
         summary = cmd_quantize_static(a)
         if a.json:

@@ -100,6 +100,7 @@ class CalibConfig:
 
 
 STATIC_METHODS = ("static-rtn", "smoothquant", "mobilequant")  # integer-only W8A8 / W4A8
+STATIC_QUANT_METHOD = "edgequant-static"  # quant_method of integer-only checkpoints
 
 
 @dataclass(frozen=True)

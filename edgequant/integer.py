@@ -25,7 +25,7 @@ def grid_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, 
     # w [rows, n] values on one uniform grid per row -> (codes int8 [rows, n] in the signed
     # b-bit range, scale [rows], zero [rows] int32) with w == (codes - zero) * scale
     w = w.float()
-    scale = torch.empty(w.shape[0])
+    scale = torch.empty(w.shape[0], device=w.device)
     for r, row in enumerate(w):
         vals = torch.unique(row)
         if vals.numel() < 2:
@@ -35,8 +35,10 @@ def grid_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, 
         span = vals[-1] - vals[0]
         scale[r] = span / torch.round(span / step)
     k = torch.round(w / scale[:, None])
-    kmin = k.amin(1)
-    if ((k.amax(1) - kmin) > 2**bits - 1).any():
+    # the grid holds 0 (zero-point grids do by construction): keep it inside the codes, so the
+    # zero point fits the signed range too
+    kmin, kmax = k.amin(1).clamp(max=0), k.amax(1).clamp(min=0)
+    if ((kmax - kmin) > 2**bits - 1).any():
         raise EdgequantError(f"weights do not sit on a {bits}-bit grid")
     if not torch.allclose(k * scale[:, None], w, rtol=1e-5, atol=1e-7):
         raise EdgequantError("weights are not on a uniform grid per row")

@@ -73,6 +73,18 @@ class EffectiveNorm(nn.Module):
         return (1.0 + w) / s - 1.0 if self.kind == "rms_one_plus" else w / s
 
 
+class DividedBy(nn.Module):
+    """A bias divided by the scale of the group its layer feeds: b / s."""
+
+    def __init__(self, s: nn.Parameter, min_scale: float):
+        super().__init__()
+        self.s, self.min_scale = s, min_scale
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        # b [C] -> [C]
+        return b / self.s.clamp(min=self.min_scale)
+
+
 class Learnables(nn.Module):
     """The trained parameters: scales per (block, group), clip logits per linear."""
 
@@ -111,6 +123,8 @@ def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQua
             prev = block.get_submodule(g.prev)
             if isinstance(prev, nn.Linear):
                 learn.weights[f"{i}/{g.prev}".replace(".", "_")].s_out = s
+                if prev.bias is not None:  # the output channel's bias scales with it
+                    parametrize.register_parametrization(prev, "bias", DividedBy(s, mcfg.min_scale))
             else:
                 parametrize.register_parametrization(
                     prev, "weight", EffectiveNorm(s, spec.norm, mcfg.min_scale)
@@ -122,11 +136,13 @@ def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQua
     return learn
 
 
-def bake(model: nn.Module) -> None:
-    """Write every parametrized weight as its learned effective value; drop the parametrizations."""
+def bake(model: nn.Module, keep: bool = True) -> None:
+    """Drop every parametrization: keep=True writes the learned effective values, False
+    restores the float tensors they were computed from."""
     for m in list(model.modules()):
         if parametrize.is_parametrized(m):
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            for name in list(m.parametrizations):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=keep)
 
 
 class _Stop(Exception):
@@ -167,6 +183,7 @@ def _state(step, learn, qs, opt, sched, mcfg, losses) -> dict:
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "config": asdict(mcfg),
+        "static": asdict(qs.cfg),
         "losses": losses,
     }
 
@@ -183,6 +200,8 @@ def _load_state(path, learn, qs, mcfg, device) -> dict:
         raise EdgequantError(f"cannot read MobileQuant state {path}: {e}") from None
     if state.get("config") != asdict(mcfg):
         raise EdgequantError(f"{path} was saved with another MobileQuant configuration")
+    if state.get("static", asdict(qs.cfg)) != asdict(qs.cfg):
+        raise EdgequantError(f"{path} was saved with another static configuration (bits)")
     learn.load_state_dict(state["learnables"])
     qs.load_state_dict(state["ranges"])
     return state
@@ -208,14 +227,34 @@ def train(
     Resumes from `state_path` when it exists (same configuration), saves there every
     `save_every` steps; `max_steps` stops early (the state is saved). At the end the weights
     are baked; returns the quantizers (ranges learned, quantizing) and the loss per step.
+    If training fails, the model is left as it came (float weights, no quantizers).
     """
     spec = arch_for(model)
+    if spec.decode is None or not spec.act_points:
+        raise EdgequantError(f"MobileQuant has no precision map for {spec.name} models")
     for p in model.parameters():
         p.requires_grad_(False)
     targets = float_targets(model, spec, input_ids, mcfg.batch)
     learn = attach(model, spec, scfg, mcfg)
     qs = Quantizers(model, scfg)
-    observe_ranges(model, qs, input_ids, mcfg.batch)
+    try:
+        observe_ranges(model, qs, input_ids, mcfg.batch)
+        losses = _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps)
+    except BaseException:
+        bake(model, keep=False)
+        qs.remove()
+        raise
+    with torch.no_grad():
+        bake(model)
+    for q in qs.quant.values():
+        q.lo.requires_grad_(False)
+        q.hi.requires_grad_(False)
+        q.relative(False)
+    return qs, losses
+
+
+def _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps) -> list:
+    """The training loop (see `train`); returns the loss of every step, resumed ones included."""
     ranges = []
     for q in qs.quant.values():
         q.relative(True)
@@ -235,8 +274,7 @@ def train(
     for step in bar:
         epoch, k = divmod(step, per_epoch)
         gen = torch.Generator().manual_seed(mcfg.seed + epoch)
-        order = torch.randperm(len(input_ids), generator=gen)
-        b = order[k * mcfg.batch : (k + 1) * mcfg.batch]
+        b = torch.randperm(len(input_ids), generator=gen)[k * mcfg.batch : (k + 1) * mcfg.batch]
         loss = F.mse_loss(last_hidden(model, spec, input_ids[b]), targets[b])
         if not torch.isfinite(loss):
             raise EdgequantError(f"MobileQuant loss became {loss.item()} at step {step}")
@@ -248,13 +286,7 @@ def train(
         bar.set_postfix(loss=f"{losses[-1]:.4g}")
         if state_path is not None and ((step + 1) % mcfg.save_every == 0 or step + 1 == stop):
             _save(state_path, _state(step + 1, learn, qs, opt, sched, mcfg, losses))
-    for p in ranges:
-        p.requires_grad_(False)
-    with torch.no_grad():
-        bake(model)
-    for q in qs.quant.values():
-        q.relative(False)
-    return qs, losses
+    return losses
 
 
 def apply_trained(model: nn.Module, scfg: StaticConfig, mcfg: MobileQuantConfig, state_path):

@@ -93,16 +93,17 @@ def export_mode(model: nn.Module, qs: Quantizers, i: int):
     spec = arch_for(model)
     block = blocks_of(model, spec)[i]
     swapped = []
-    for g in spec.groups:
-        for name in g.linears:
-            lin = block.get_submodule(name)
-            qcfg, per_channel = weight_config(name, spec, qs.cfg)
-            new = QDQLinear(lin, qcfg.bits, per_channel)
-            new._forward_hooks, new._forward_pre_hooks = lin._forward_hooks, lin._forward_pre_hooks
-            parent, _, leaf = name.rpartition(".")
-            setattr(block.get_submodule(parent), leaf, new)
-            swapped.append((parent, leaf, lin))
     try:
+        for g in spec.groups:
+            for name in g.linears:
+                lin = block.get_submodule(name)
+                qcfg, per_channel = weight_config(name, spec, qs.cfg)
+                new = QDQLinear(lin, qcfg.bits, per_channel)
+                new._forward_hooks = lin._forward_hooks
+                new._forward_pre_hooks = lin._forward_pre_hooks
+                parent, _, leaf = name.rpartition(".")
+                setattr(block.get_submodule(parent), leaf, new)
+                swapped.append((parent, leaf, lin))
         with qs.mode("export"):
             yield block
     finally:

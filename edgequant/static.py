@@ -102,9 +102,11 @@ def static_attention(
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = qs.get("scores", ident)(scores)  # before the mask: masked entries are not data
     if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]]
+        mask = attention_mask[..., : key.shape[-2]]
+        scores = qs.get("scores", ident)(scores.masked_fill(mask != 0, 0.0)) + mask
+    else:  # masked entries are not data: they neither widen the range nor get rounded
+        scores = qs.get("scores", ident)(scores)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = qs.get("probs", ident)(probs)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs

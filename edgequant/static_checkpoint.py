@@ -21,12 +21,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgequant.arch import arch_for, blocks_of
-from edgequant.config import StaticConfig
+from edgequant.config import STATIC_QUANT_METHOD, StaticConfig
 from edgequant.errors import EdgequantError
 from edgequant.integer import grid_codes
 from edgequant.static import Quantizers, weight_config
 
-METHOD = "edgequant-static"
+METHOD = STATIC_QUANT_METHOD
 
 
 def static_state(model: nn.Module, cfg: StaticConfig) -> dict[str, torch.Tensor]:
@@ -99,7 +99,10 @@ def load_static(path: str | os.PathLike) -> tuple[nn.Module, Quantizers]:
 
     path = Path(path)
     qc = _config(path)
-    cfg = StaticConfig(**qc["static"])
+    try:
+        cfg, ranges = StaticConfig(**qc["static"]), dict(qc["activation_ranges"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise EdgequantError(f"{path}: incomplete quantization_config ({e!r})") from None
     try:
         tensors = load_file(path / "model.safetensors")
     except Exception as e:  # safetensors raises its own error types
@@ -121,7 +124,6 @@ def load_static(path: str | os.PathLike) -> tuple[nn.Module, Quantizers]:
         raise EdgequantError(f"{path}: tensors missing {sorted(set(missing) - tied)[:5]}")
     model.tie_weights()
     qs = Quantizers(model.eval(), cfg)
-    ranges = qc["activation_ranges"]
     for q in qs.quant.values():
         if q.name not in ranges:
             raise EdgequantError(f"{path}: no activation range for {q.name}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from edgequant.config import STATIC_QUANT_METHOD
 from edgequant.errors import EdgequantError
 
 
@@ -149,7 +150,7 @@ def load(name_or_path: str):
     tok = load_tokenizer(where)
     if packed_dir(where) is not None:
         return load_quantized(where), tok
-    if Path(where).is_dir() and quant_method(Path(where)) == "edgequant-static":
+    if Path(where).is_dir() and quant_method(Path(where)) == STATIC_QUANT_METHOD:
         from edgequant.static_checkpoint import load_static
 
         return load_static(where)[0], tok  # the quantizers stay attached through their hooks

@@ -186,6 +186,8 @@ def test_quantize_integer_only_save_and_eval(method, capsys, tmp_path, tiny_dir,
     args = ["eval", out, "--ppl", calib_file, "--max-windows", "1", "--window", "64"]
     assert main([str(a) for a in [*args, "--json", ev]]) == 0
     assert json.loads(ev.read_text())["ppl"] > 1
+    code, err = run(capsys, "generate", out, "--prompt", "hello")
+    assert code == 2 and "integer-only checkpoint" in err[-1]
 
 
 def test_integer_only_rejects_bad_bits(capsys, tmp_path, tiny_dir, calib_file):

@@ -80,3 +80,18 @@ def test_saved_state_reapplies_to_the_same_weights_and_ranges(tmp_path):
     x = calib(2, 16)
     with torch.no_grad():
         assert torch.equal(trained(x).logits, fresh(x).logits)
+
+
+def test_failed_training_leaves_the_model_as_it_came(monkeypatch):
+    import edgequant.mobilequant as mq
+
+    model = smoothed("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(mq.F, "mse_loss", lambda a, b: torch.tensor(float("nan")))
+    with pytest.raises(EdgequantError, match="loss became nan"):
+        train(model, calib(), SCFG, MCFG)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert model.config._attn_implementation != "edgequant_static"
