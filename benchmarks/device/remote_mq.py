@@ -1,0 +1,53 @@
+"""Device side: SmoothQuant + MobileQuant training per (model, config) into /tmp/mqout/<tag>/
+(smoothquant.safetensors, mobilequant.pt, run.json); tar that into $OUT in parts of at most
+15 MB (the device returns files of at most 16 MB).
+
+    JOBS='[["smollm2-135m", 8, {}, "smol-w8a8"]]' python3 benchmarks/device/remote_mq.py BUNDLE
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from remote import build  # noqa: E402
+
+from edgequant.awq import device_name  # noqa: E402
+from edgequant.config import MobileQuantConfig, StaticConfig  # noqa: E402
+from edgequant.mobilequant import train  # noqa: E402
+from edgequant.smoothquant import smoothquant  # noqa: E402
+
+OUT = "/tmp/mqout"
+JOBS = json.loads(os.environ["JOBS"])  # [[model, w_bits, {MobileQuantConfig fields}, tag]]
+
+if __name__ == "__main__":
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name, w_bits, kw, tag in JOBS:
+        model, ids = build(name, sys.argv[1])
+        scfg, mcfg = StaticConfig(w_bits=w_bits), MobileQuantConfig(**kw)
+        out = os.path.join(OUT, tag)
+        os.makedirs(out, exist_ok=True)
+        t0 = time.perf_counter()
+        recipe = smoothquant(model, ids, scfg)
+        recipe.save(os.path.join(out, "smoothquant.safetensors"))
+        qs, losses = train(model, ids, scfg, mcfg, Path(out) / "mobilequant.pt")
+        secs = time.perf_counter() - t0
+        run = {
+            "model": name,
+            "static": asdict(scfg),
+            "mobilequant": asdict(mcfg),
+            "seconds": round(secs, 1),
+            "device": device_name(ids.device),
+            "torch": torch.__version__,
+            "losses": losses,
+        }
+        with open(os.path.join(out, "run.json"), "w") as f:
+            json.dump(run, f)
+        print(tag, f"{secs:.1f}s", "loss", losses[0], "->", losses[-1], flush=True)
+        del model
+        torch.cuda.empty_cache()
