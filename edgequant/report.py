@@ -22,7 +22,10 @@ from pathlib import Path
 from edgequant.errors import EdgequantError
 from edgequant.io import atomic_write_text
 
-METHOD_ORDER = ("fp", "rtn", "awq", "awq-qkskip", "gptq", "gptq-act", "awq+gptq", "awq-exact")
+METHOD_ORDER = (
+    "fp", "rtn", "awq", "awq-qkskip", "gptq", "gptq-act", "awq+gptq",
+    "awq-exact", "awq-exact-qkskip",
+)  # fmt: skip
 
 
 def _kind(data: dict) -> str | None:
@@ -38,7 +41,9 @@ def _kind(data: dict) -> str | None:
         return "fidelity"
     if "calib" in first and "eval" in first:
         return "robustness"
-    if "ppl" in first and "method" in first:
+    if "ppl" in first and "config" in first:
+        return "w8a8"
+    if "ppl" in first and "bits" in first:
         return "quality"
     if any(isinstance(v, dict) and "decode_tok_s" in v for v in first.values()):
         return "speed"
@@ -137,6 +142,26 @@ def _fidelity(data: dict, plt):
     return fig
 
 
+def _w8a8(data: dict, plt):
+    rows = [r for r in _rows(data) if r["method"] != "fp"]
+    keys = sorted({(r["model"], t) for r in rows for t in r["ppl"]})
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+    for ax, (model, text) in zip(axes[0], keys, strict=True):
+        sel = sorted((r for r in rows if r["model"] == model), key=lambda r: r["config"])
+        ax.barh([f"{r['method']} {r['config']}" for r in sel],
+                [r["ppl"][text]["ppl"] for r in sel], color="tab:purple")  # fmt: skip
+        fp = data["rows"].get(f"{model}|fp|fp") if isinstance(data["rows"], dict) else None
+        if fp:
+            ax.axvline(fp["ppl"][text]["ppl"], color="black", ls="--", lw=1, label="fp")
+            ax.legend(fontsize=7)
+        ax.set_xlabel("perplexity")
+        ax.set_title(f"{model}, {text}")
+    fig.tight_layout()
+    return fig
+
+
 def _robustness(data: dict, plt):
     rows = [r for r in _rows(data) if r.get("n_samples", 128) == 128]  # the distribution study
     panels = sorted({(r["model"], r["method"], r["bits"]) for r in rows})
@@ -167,6 +192,7 @@ FIGURES: dict[str, tuple[str, str, Callable]] = {  # id -> (input kind, caption,
     "speed": ("speed", "Decode speed per runtime (2 threads)", _speed),
     "fidelity": ("fidelity", "KL divergence from the float model", _fidelity),
     "robustness": ("robustness", "Perplexity by calibration and evaluation text", _robustness),
+    "w8a8": ("w8a8", "Integer-only W8A8 / W4A8 perplexity (static activation ranges)", _w8a8),
 }
 
 
