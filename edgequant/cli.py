@@ -158,10 +158,7 @@ def _write_json(path: str, data: dict) -> None:
 def cmd_quantize(a) -> dict:
     a.w_bits = a.w_bits or (8 if a.method in STATIC_METHODS else 4)
     if a.method in STATIC_METHODS:
-        summary = cmd_quantize_static(a)
-        if a.json:
-            _write_json(a.json, summary)
-        return summary
+        return _summarize(a, *cmd_quantize_static(a))
     from edgequant.api import quantize
     from edgequant.config import AWQConfig, CalibConfig, QuantConfig
 
@@ -210,6 +207,11 @@ def cmd_quantize(a) -> dict:
         "zero_point": qcfg.zero_point,
         "seconds": seconds,
     }
+    return _summarize(a, model, tok, summary)
+
+
+def _summarize(a, model, tok, summary: dict) -> dict:
+    """--ppl and --json of `quantize`, whichever method ran."""
     if a.ppl:
         summary["perplexity"] = _ppl(model, tok, a.ppl, 2048, a.max_windows)
     if a.json:

@@ -18,7 +18,8 @@ def add_static_args(p) -> None:
     g.add_argument("--state", metavar="FILE", help="MobileQuant: save / resume training here")
 
 
-def cmd_quantize_static(a) -> dict:
+def cmd_quantize_static(a):
+    """Quantize, optionally save; returns (model, tokenizer, summary) for --ppl / --json."""
     from edgequant.api import quantize_static
     from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
     from edgequant.zoo import load
@@ -46,8 +47,4 @@ def cmd_quantize_static(a) -> dict:
         "a_bits": cfg.a_bits,
         "seconds": seconds,
     }
-    if a.ppl:
-        from edgequant.cli import _ppl
-
-        summary["perplexity"] = _ppl(model, tok, a.ppl, 2048, a.max_windows)
-    return summary
+    return model, tok, summary

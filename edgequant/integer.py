@@ -18,7 +18,7 @@ from torch import nn
 from edgequant.arch import ArchSpec, arch_for, blocks_of
 from edgequant.errors import EdgequantError
 from edgequant.primitives import static_qparams
-from edgequant.static import ActQuant, Quantizers
+from edgequant.static import ActQuant, Quantizers, weight_config
 
 
 def grid_codes(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,8 +96,6 @@ def input_point(spec: ArchSpec, name: str) -> str:
 @torch.no_grad()
 def to_integer(model: nn.Module, qs: Quantizers) -> None:
     """Swap every block linear of a static-quantized model for its IntLinear, in place."""
-    from edgequant.static import weight_config
-
     spec = arch_for(model)
     names = [n for g in spec.groups for n in g.linears]
     for i, block in enumerate(blocks_of(model, spec)):
