@@ -45,16 +45,62 @@ def weight_mean(w: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
     return (wg / wg.amax(dim=-1, keepdim=True).clamp(min=1e-8)).reshape(out, c).mean(0)
 
 
-def gram_error(d: torch.Tensor, gram: torch.Tensor, n: int) -> float:
-    # d [out, C] weight error, gram [C, C] = X^T X over n tokens -> mean squared output error
-    return ((d @ gram) * d).sum().item() / (n * d.shape[0])
+def gram_error(
+    d: torch.Tensor, gram: torch.Tensor, n: int, rows: torch.Tensor | None = None
+) -> float:
+    # d [out, C] weight error, gram [C, C] = X^T X over n tokens, rows [out] weights or None
+    # -> mean squared output error (each row's error scaled by its weight)
+    err = ((d @ gram) * d).sum(1)
+    if rows is not None:
+        err = err * rows
+    return err.sum().item() / (n * d.shape[0])
 
 
 def scaled_error(
-    w: torch.Tensor, s: torch.Tensor, cfg: QuantConfig, gram: torch.Tensor, n: int
+    w: torch.Tensor,
+    s: torch.Tensor,
+    cfg: QuantConfig,
+    gram: torch.Tensor,
+    n: int,
+    rows: torch.Tensor | None = None,
 ) -> float:
     # w [out, C], s [C] -> output error of Q(w * s) / s, the weight the block effectively uses
-    return gram_error(fake_quantize(w * s, cfg)[0] / s - w, gram, n)
+    return gram_error(fake_quantize(w * s, cfg)[0] / s - w, gram, n, rows)
+
+
+def row_sensitivity(
+    module: nn.Module, lins: list[nn.Linear], saved: list[tuple], gen: torch.Generator
+) -> torch.Tensor:
+    """Per output row of `lins` (concatenated) -> [sum out], mean 1: E_t (dO/dy_j)^2.
+
+    O is the module's output on each saved (args, kwargs) call and y_j output row j of a
+    linear. With a Gaussian probe r on O, E[(d(r.O)/dy)^2] is the diagonal of J^T J, so the
+    weighted Gram error approximates the module's output error to second order (cross-row
+    and token-dependent terms dropped).
+    """
+    acc = [torch.zeros(lin.out_features, dtype=torch.float64) for lin in lins]
+    outs: dict[nn.Module, torch.Tensor] = {}
+
+    def grab(m, args, y):
+        outs[m] = y.detach().requires_grad_()
+        return outs[m]
+
+    handles = [lin.register_forward_hook(grab) for lin in lins]
+    try:
+        with torch.enable_grad():
+            for args, kw in saved:
+                out = _first(module(*args, **kw)).float()
+                probe = torch.randn(out.shape, generator=gen).to(out.device)
+                grads = torch.autograd.grad((out * probe).sum(), [outs[lin] for lin in lins])
+                for a, g in zip(acc, grads, strict=True):
+                    a += g.double().pow(2).reshape(-1, g.shape[-1]).sum(0).cpu()
+    finally:
+        for h in handles:
+            h.remove()
+    rows = torch.cat(acc).float()
+    if not torch.isfinite(rows).all() or rows.sum() <= 0:
+        return torch.ones_like(rows)
+    return rows / rows.mean()
 
 
 def pool_channels(v: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -183,13 +229,17 @@ class AWQSearch:
 
         return loss
 
-    def _scale_loss(self, block, group, xs, w_cat, gram, n, call) -> Callable:
+    def _scale_loss(self, block, group, xs, w_cat, gram, n, call, probe) -> Callable:
         # returns loss(s [C]) over the group's input channels
         """The search objective for one group: fast (sampled Gram) or the paper's exact loss."""
-        if self.acfg.search == "fast" and (
-            not self.acfg.loss_samples or group.linears == (group.inspect,)
-        ):
-            return lambda s: scaled_error(w_cat, s, self.qcfg, gram, n)
+        single = group.linears == (group.inspect,)
+        if self.acfg.search == "fast" and (not self.acfg.loss_samples or single):
+            rows = None
+            if not single and self.acfg.sensitivity_samples:
+                lins = [block.get_submodule(n) for n in group.linears]
+                rows = row_sensitivity(block.get_submodule(group.inspect), lins, probe, self.gen)
+                rows = rows.to(w_cat.device)
+            return lambda s: scaled_error(w_cat, s, self.qcfg, gram, n, rows)
         if self.acfg.search == "fast":
             return self._exact_loss([block.get_submodule(n) for n in group.linears], call)
         if group.linears == (group.inspect,):
@@ -235,7 +285,7 @@ class AWQSearch:
             self.recipe.scales[key] = s
         return s
 
-    def _on_group(self, i: int, block: nn.Module, group: ScaleGroup, xs: list, call):
+    def _on_group(self, i: int, block: nn.Module, group: ScaleGroup, xs: list, call, probe):
         """Search one group on its input chunks xs [B, T, C]; leaves effective weights in place.
 
         Returns ((s, clips) for apply_group, (rtn error, awq error) for the report).
@@ -251,7 +301,7 @@ class AWQSearch:
         gram, n = xg.T @ xg, xg.shape[0]
         s, idx = None, fold_index(block, group, self.acfg.gqa_fold)
         if idx is not None:
-            loss = self._scale_loss(block, group, xs, w_cat, gram, n, call)
+            loss = self._scale_loss(block, group, xs, w_cat, gram, n, call, probe)
             s = self._search(f"{i}.{group.name}", loss, x_mean, w_cat, idx)
         sv = torch.ones(c, device=w_cat.device) if s is None else s[idx]
         clips = self._clips(i, group, lins, xs, sv, gram)
@@ -267,7 +317,7 @@ class AWQSearch:
         """One chunked forward of block i; each group is searched when its input is complete."""
         groups = self.spec.groups
         exact = self.acfg.search == "exact"
-        module_loss = exact or self.acfg.loss_samples > 0
+        module_loss = exact or self.acfg.loss_samples > 0 or self.acfg.sensitivity_samples > 0
         originals = {n: block.get_submodule(n).weight.data for g in groups for n in g.linears}
         done: dict[str, tuple] = {}
         inspect_args: dict[str, list] = {g.name: [] for g in groups}
@@ -286,14 +336,18 @@ class AWQSearch:
         def on_all(xs: list[torch.Tensor], g: ScaleGroup) -> None:
             mod = block.get_submodule(g.inspect)
             pick = chunk_subset(len(xs), xs[0].shape[0], 0 if exact else self.acfg.loss_samples)
+            probe = []
             if g.inspect in g.linears:
                 call = lambda: torch.cat([mod(xs[k]) for k in pick])  # noqa: E731
             else:
                 saved = [inspect_args[g.name][k] for k in pick] if module_loss else []
                 call = lambda: torch.cat([_first(mod(*a, **kw)) for a, kw in saved])  # noqa: E731
+                if not exact and self.acfg.sensitivity_samples:
+                    sub = chunk_subset(len(xs), xs[0].shape[0], self.acfg.sensitivity_samples)
+                    probe = [inspect_args[g.name][k] for k in sub]
             searching[0] = True
             try:
-                done[g.name] = self._on_group(i, block, g, xs, call)
+                done[g.name] = self._on_group(i, block, g, xs, call, probe)
             finally:
                 searching[0] = False
                 inspect_args[g.name] = []

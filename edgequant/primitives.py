@@ -104,8 +104,14 @@ def fake_quant_static(
     # x [...], lo/hi [] -> x rounded onto the static grid of [lo, hi] (2^bits levels), x.dtype;
     # differentiable in x (inside the range), lo and hi (straight-through rounding)
     scale, zero = static_qparams(lo, hi, bits)
-    q = torch.clamp(round_ste(x.float() / scale) + zero, 0, 2**bits - 1)
-    return ((q - zero) * scale).to(x.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or lo.requires_grad or hi.requires_grad):
+        q = torch.clamp(round_ste(x.float() / scale) + zero, 0, 2**bits - 1)
+        return ((q - zero) * scale).to(x.dtype)
+    # the same values in place on one buffer (round_ste's x + (round(x) - x) is round(x)
+    # exactly: the difference is exact by Sterbenz' lemma), several times faster on CPU
+    q = x.float() / scale
+    q.round_().add_(zero).clamp_(0, 2**bits - 1).sub_(zero).mul_(scale)
+    return q.to(x.dtype)
 
 
 def fake_quant_sym(x: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tensor:

@@ -32,17 +32,23 @@ def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torc
 
 
 def static_error(
-    x: torch.Tensor, ws: list[torch.Tensor], grids: list, s: torch.Tensor, a_bits: int
+    x: torch.Tensor,
+    ws: list[torch.Tensor],
+    grids: list,
+    s: torch.Tensor,
+    a_bits: int,
+    refs: list[torch.Tensor] | None = None,
 ) -> float:
-    # x [n, C] inputs, ws [out_k, C] weights with their (QuantConfig, per-channel) grids, s [C]
-    # -> mean squared output error of the linears with x / s on one static range, w * s on
-    # its grid
+    # x [n, C] inputs, ws [out_k, C] weights with their (QuantConfig, per-channel) grids, s [C],
+    # refs [n, out_k] the float outputs x @ w.T (computed when None) -> mean squared output
+    # error of the linears with x / s on one static range, w * s on its grid
     xs = x / s
     xq = fake_quant_static(xs, xs.min(), xs.max(), a_bits)
+    refs = refs or [x @ w.T for w in ws]
     err = 0.0
-    for w, (qcfg, per_channel) in zip(ws, grids, strict=True):
+    for w, ref, (qcfg, per_channel) in zip(ws, refs, grids, strict=True):
         wq = static_weight(w * s, qcfg, per_channel)
-        err += (xq @ wq.T - x @ w.T).pow(2).mean().item()
+        err += (xq @ wq.T - ref).pow(2).mean().item()
     return err
 
 
@@ -74,10 +80,12 @@ class SmoothSearch:
             return smooth_scale(x_max, w_max, self.cfg.alpha)
         n = min(self.cfg.search_tokens, flat.shape[0])
         x = flat[torch.randperm(flat.shape[0], generator=self.gen)[:n]]
-        best, best_err = None, static_error(x, ws, grids, torch.ones_like(x_max), self.cfg.a_bits)
+        refs = [x @ w.T for w in ws]
+        a_bits = self.cfg.a_bits
+        best, best_err = None, static_error(x, ws, grids, torch.ones_like(x_max), a_bits, refs)
         for i in range(self.cfg.alpha_grid):
             s = smooth_scale(x_max, w_max, i / self.cfg.alpha_grid)
-            err = static_error(x, ws, grids, s, self.cfg.a_bits)
+            err = static_error(x, ws, grids, s, a_bits, refs)
             if math.isfinite(err) and err < best_err:
                 best, best_err = s, err
         return best
