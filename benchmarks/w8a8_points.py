@@ -16,14 +16,14 @@ import argparse
 import json
 from pathlib import Path
 
+from w8a8 import CONFIGS
+
 from edgequant.api import quantize_static
 from edgequant.config import CalibConfig
 from edgequant.data import evaluation_ids, get_source
 from edgequant.evaluate import perplexity
 from edgequant.io import atomic_write_text
 from edgequant.zoo import load
-
-from w8a8 import CONFIGS
 
 RESULTS = Path(__file__).parent / "results"
 
