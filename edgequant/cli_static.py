@@ -9,12 +9,20 @@ from edgequant.errors import EdgequantError
 
 
 def add_static_args(p) -> None:
+    from edgequant.config import MobileQuantConfig
+
+    d = MobileQuantConfig()
     g = p.add_argument_group("integer-only methods (static-rtn, smoothquant, mobilequant)")
     g.add_argument("--a-bits", type=int, default=8, help="8 (the precision map) or 16")
     g.add_argument("--w-symmetric", action="store_true", help="W4: signed per-channel grid")
     g.add_argument("--alpha", type=float, help="SmoothQuant alpha (default: searched)")
-    g.add_argument("--epochs", type=int, default=2, help="MobileQuant training epochs")
-    g.add_argument("--batch", type=int, default=4, help="MobileQuant windows per step")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="MobileQuant training epochs")
+    g.add_argument("--batch", type=int, default=d.batch, help="MobileQuant windows per step")
+    lrs = {"scale": "equivalent-transformation scales", "clip": "weight clipping",
+           "range": "activation ranges"}  # fmt: skip
+    for name, what in lrs.items():
+        g.add_argument(f"--lr-{name}", type=float, default=getattr(d, f"lr_{name}"),
+                       help=f"MobileQuant learning rate of the {what}")  # fmt: skip
     g.add_argument("--state", metavar="FILE", help="MobileQuant: save / resume training here")
 
 
@@ -25,7 +33,14 @@ def cmd_quantize_static(a):
     from edgequant.zoo import load
 
     cfg = StaticConfig(w_bits=a.w_bits, a_bits=a.a_bits, w_symmetric=a.w_symmetric, alpha=a.alpha)
-    mcfg = MobileQuantConfig(epochs=a.epochs, batch=a.batch, seed=a.seed)
+    mcfg = MobileQuantConfig(
+        epochs=a.epochs,
+        batch=a.batch,
+        lr_scale=a.lr_scale,
+        lr_clip=a.lr_clip,
+        lr_range=a.lr_range,
+        seed=a.seed,
+    )
     calib = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
     if a.out and Path(a.out).exists():
         raise EdgequantError(f"output directory {a.out} already exists")

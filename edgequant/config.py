@@ -153,9 +153,11 @@ class MobileQuantConfig:
 
     epochs: int = 2
     batch: int = 4  # calibration windows per step
-    lr_scale: float = 1e-3
-    lr_clip: float = 1e-2
-    lr_range: float = 1e-3
+    # 10x the first guesses (1e-3 / 1e-2 / 1e-3): on SmolLM2 W8A8 (10 epochs on an H200)
+    # the final loss fell from 0.106 to 0.031 and Austen perplexity to 22.6 (w8a8.md)
+    lr_scale: float = 1e-2
+    lr_clip: float = 1e-1
+    lr_range: float = 1e-2
     clip_per_channel: bool = True
     clip_init: float = 4.0
     min_scale: float = 1e-2
