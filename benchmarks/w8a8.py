@@ -199,7 +199,11 @@ def render(results: dict) -> str:
         rows.values(),
         key=lambda r: (r["model"], r["config"], order.index(r["method"].split()[0]), r["method"]),
     ):
-        secs = f"{r['seconds']}" + (f" ({r['trained_on']['device']})" if "trained_on" in r else "")
+        on = r.get("trained_on", {})
+        where = on.get("device", "")
+        if "sharing" in on:
+            where += f", {on['sharing']} runs sharing it"
+        secs = f"{r['seconds']}" + (f" ({where})" if where else "")
         cells = " | ".join(f"{ppl(r, t):.3f}" for t in TEXTS)
         lines.append(f"| {r['model']} | {r['config']} | {r['method']} | {cells} | {secs} |")
     lines += ["", "## One decoder block in ONNX Runtime (CPU provider), int8 QDQ vs fp32", ""]
