@@ -76,19 +76,20 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(LABELS))
     p.add_argument("--texts", default="austen,pydocs")
     p.add_argument("--max-windows", type=int, default=8)
+    p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "fidelity.json")
     a = p.parse_args()
     results = json.loads(a.out.read_text()) if a.out.is_file() else {"rows": {}}
     texts = a.texts.split(",")
     results["max_windows"] = a.max_windows
     for name in a.models.split(","):
-        ref, tok = load(name)
+        ref, tok = load(name, a.device)
         ids = {t: evaluation_ids(tok, get_source(t)) for t in texts}
         for bits in map(int, a.bits.split(",")):
             q = QuantConfig(bits, GROUPS[name], zero_point=True)
             for label in a.methods.split(","):
                 method, acfg, gcfg = METHODS[label]
-                model, _ = load(name)
+                model, _ = load(name, a.device)
                 t0 = time.perf_counter()
                 quantize_model(
                     model, tok, method, quant=q, awq=acfg, calib=CalibConfig(), gptq=gcfg

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from edgequant.api import quantize_model
+from edgequant.awq import device_name
 from edgequant.config import AWQConfig, CalibConfig, QuantConfig
 from edgequant.data import evaluation_ids, get_source
 from edgequant.evaluate import perplexity
@@ -69,7 +70,7 @@ def save(path: Path, results: dict) -> None:
 
 
 def run_model(name: str, args, results: dict, path: Path) -> None:
-    model, tok = load(name)
+    model, tok = load(name, args.device)
     ids = {t: evaluation_ids(tok, get_source(t)) for t in TEXTS}
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
 
@@ -84,6 +85,8 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             "ppl": ppl,
         }
         row["commit"] = args.commit
+        if args.device and args.device != "cpu":
+            row["evaluated_on"] = device_name(torch.device(args.device))
         if blocks:  # the AWQ search's per-block output error, RTN vs AWQ
             row["blocks"] = blocks
         if searched_on:  # the search ran elsewhere (--load-search): where, and how long
@@ -102,7 +105,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             if label == "fp" or ("exact" in label and bits != 3):
                 continue
             method, acfg, gcfg = METHODS[label]
-            model, tok = load(name)  # a fresh float model
+            model, tok = load(name, args.device)  # a fresh float model
             if args.load_search:
                 recipe = loaded_search(model, tok, args.load_search, method, q, acfg, calib, gcfg)
                 secs = recipe.searched_on.get("seconds", 0.0)
@@ -110,7 +113,12 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
                 continue
             t0 = time.perf_counter()
             recipe = quantize_model(model, tok, method, quant=q, awq=acfg, calib=calib, gptq=gcfg)
-            record(model, bits, group, label, time.perf_counter() - t0, recipe.report)
+            secs = time.perf_counter() - t0
+            where = None  # rows quantized on another device say which, as --load-search rows do
+            if args.device and args.device != "cpu":
+                dev = device_name(torch.device(args.device))
+                where = {"device": dev, "seconds": round(secs, 1), "torch": torch.__version__}
+            record(model, bits, group, label, secs, recipe.report, where)
 
 
 def loaded_search(model, tok, path: Path, method, q: QuantConfig, acfg, calib, gcfg):
@@ -223,6 +231,7 @@ def main() -> None:
     p.add_argument("--bits", default="4,3,2", help="which of each model's configs to run")
     p.add_argument("--group", type=int, help="only the configs with this group size")
     p.add_argument("--exact-only", action="store_true", help="only the exact-search W3 rows")
+    p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument(
         "--load-search",

@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--methods", default="awq,gptq")
     p.add_argument("--study", choices=("distribution", "size", "both"), default="both")
     p.add_argument("--max-windows", type=int, default=8)
+    p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "robustness.json")
     a = p.parse_args()
     results = json.loads(a.out.read_text()) if a.out.is_file() else {"rows": {}}
@@ -120,14 +121,14 @@ def main() -> None:
     if a.study in ("size", "both"):
         runs += [("pydocs", n) for n in SIZES if ("pydocs", n) not in runs]
     for name in a.models.split(","):
-        _, tok = load(name)
+        _, tok = load(name, a.device)
         ids = {t: evaluation_ids(tok, get_source(t)) for t in TEXTS}
         for bits in map(int, a.bits.split(",")):
             q = QuantConfig(bits, GROUPS[name], zero_point=True)
             for label in a.methods.split(","):
                 method, acfg, gcfg = METHODS[label]
                 for calib, n in runs:
-                    model, _ = load(name)
+                    model, _ = load(name, a.device)
                     cfg = CalibConfig(source=calib, n_samples=n)
                     quantize_model(model, tok, method, quant=q, awq=acfg, calib=cfg, gptq=gcfg)
                     for t in TEXTS:

@@ -70,7 +70,7 @@ def mobilequant_row(model, tok, cfg: StaticConfig, calib: CalibConfig, where: Pa
 
 
 def run_model(name: str, args, results: dict, path: Path) -> None:
-    model, tok = load(name)
+    model, tok = load(name, args.device)
     ids = {t: evaluation_ids(tok, get_source(t)) for t in TEXTS}
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
 
@@ -91,7 +91,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
         for method in args.methods:
             if method == "fp":
                 continue
-            model, tok = load(name)
+            model, tok = load(name, args.device)
             if method == "mobilequant":
                 label, seconds, info = mobilequant_row(model, tok, cfg, calib, args.load_trained)
                 record(model, config, label, seconds, info)
@@ -234,6 +234,7 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--load-trained", type=Path, help="a MobileQuant run trained elsewhere")
+    p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "w8a8.json")
     p.add_argument("--speed", action="store_true", help="only the ONNX Runtime block timing")
     p.add_argument("--threads", type=int, default=2)

@@ -53,7 +53,7 @@ def quantize_model(
 
         if method == "awq+gptq":  # GPTQ restarts from the float weights
             float_state = {k: v.clone() for k, v in model.state_dict().items()}
-        recipe = awq_quantize(model, _calibration(tokenizer, calib), quant, awq)
+        recipe = awq_quantize(model, _calibration(model, tokenizer, calib), quant, awq)
         recipe.method = method
     if recipe.method not in ("gptq", "awq+gptq"):
         if load_search or method == "rtn":
@@ -65,7 +65,7 @@ def quantize_model(
     if float_state is not None:
         model.load_state_dict(float_state)
     apply_recipe(model, recipe, quantize=False)  # AWQ's scales and clips, if any
-    result = gptq_quantize(model, _calibration(tokenizer, calib), recipe.quant, gptq)
+    result = gptq_quantize(model, _calibration(model, tokenizer, calib), recipe.quant, gptq)
     finalize(model, recipe.quant, result.qparams)
     return recipe
 
@@ -98,7 +98,7 @@ def quantize_static(
 
     if not arch_for(model).act_points:
         raise EdgequantError(f"no precision map for {arch_for(model).name} models (integer-only)")
-    ids = _calibration(tokenizer, calib)
+    ids = _calibration(model, tokenizer, calib)
     recipe = smoothquant(model, ids, cfg) if method != "static-rtn" else None
     if method == "mobilequant":
         mcfg = mobilequant or MobileQuantConfig()
@@ -109,10 +109,11 @@ def quantize_static(
     return qs, recipe
 
 
-def _calibration(tokenizer, calib: CalibConfig):
+def _calibration(model: nn.Module, tokenizer, calib: CalibConfig):
+    # -> calibration ids [n_samples, seqlen] on the model's device
     from edgequant.data import calibration_ids
 
-    return calibration_ids(tokenizer, calib)
+    return calibration_ids(tokenizer, calib).to(next(model.parameters()).device)
 
 
 def quantize(model_name: str, method: str = "awq", **kw):

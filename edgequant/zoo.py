@@ -140,8 +140,8 @@ def load_tokenizer(where: str, lean: bool = False):
         raise EdgequantError(f"cannot load model {where!r}: {str(e).splitlines()[0]}") from None
 
 
-def load(name_or_path: str):
-    """Load (model in float32, eval mode; tokenizer)."""
+def load(name_or_path: str, device: str | None = None):
+    """Load (model in float32, eval mode, on `device` if given; tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     from edgequant.checkpoint import load_quantized, quant_method
@@ -161,4 +161,4 @@ def load(name_or_path: str):
             f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}"
         ) from None
     model.eval()
-    return model, tok
+    return (model if device is None else model.to(device)), tok
