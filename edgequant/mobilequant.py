@@ -238,7 +238,8 @@ def train(
     learn = attach(model, spec, scfg, mcfg)
     qs = Quantizers(model, scfg)
     try:
-        observe_ranges(model, qs, input_ids, mcfg.batch)
+        with parametrize.cached():  # the weights do not change while ranges are observed
+            observe_ranges(model, qs, input_ids, mcfg.batch)
         losses = _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps)
     except BaseException:
         bake(model, keep=False)

@@ -110,18 +110,18 @@ class _StaticFakeQuant(torch.autograd.Function):
     def forward(ctx, x, scale, zero, top: int):
         u = x.float() / scale
         q = u.round().add_(zero)  # round(u) is what x + (round(x) - x) gives (Sterbenz)
-        inside = (q >= 0) & (q <= top)
+        outside = (q < 0).logical_or_(q > top)  # bool masks: no float copies
         q.clamp_(0, top).sub_(zero)
-        resid = u.mul_(inside).neg_().add_(q)  # (q - zero) - u where inside, else q - zero
-        ctx.save_for_backward(resid, inside, scale)
+        resid = u.masked_fill_(outside, 0.0).neg_().add_(q)  # (q - zero) - u inside, else q - zero
+        ctx.save_for_backward(resid, outside, scale)
         ctx.dtype = x.dtype
         return q.mul_(scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        resid, inside, scale = ctx.saved_tensors
+        resid, outside, scale = ctx.saved_tensors
         g = g.float()
-        gx = g * inside
+        gx = g.masked_fill(outside, 0.0)
         g_scale = (g * resid).sum_to_size(scale.shape) if ctx.needs_input_grad[1] else None
         g_zero = ((gx - g) * scale).sum_to_size(scale.shape) if ctx.needs_input_grad[2] else None
         return gx.to(ctx.dtype), g_scale, g_zero, None
