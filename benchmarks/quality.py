@@ -89,7 +89,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             row["evaluated_on"] = device_name(torch.device(args.device))
         if blocks:  # the AWQ search's per-block output error, RTN vs AWQ
             row["blocks"] = blocks
-        if searched_on:  # the search ran elsewhere (--load-search): where, and how long
+        if searched_on:  # the search ran elsewhere (--load-search, --device): where, how long
             row["searched_on"] = searched_on
         results["rows"][key(row)] = row
         save(path, results)

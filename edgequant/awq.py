@@ -229,16 +229,21 @@ class AWQSearch:
 
         return loss
 
-    def _scale_loss(self, block, group, xs, w_cat, gram, n, call, probe) -> Callable:
+    def _scale_loss(self, block, group, xs, w_cat, gram, n, call, sens_args) -> Callable:
         # returns loss(s [C]) over the group's input channels
-        """The search objective for one group: fast (sampled Gram) or the paper's exact loss."""
+        """The search objective for one group: fast (sampled Gram) or the paper's exact loss.
+
+        sens_args: the inspected module's (args, kwargs) on the samples that estimate the
+        row sensitivities (empty: unweighted). The probes draw on the search's one seeded
+        generator, so turning the weighting off also moves later token samples.
+        """
         single = group.linears == (group.inspect,)
         if self.acfg.search == "fast" and (not self.acfg.loss_samples or single):
             rows = None
-            if not single and self.acfg.sensitivity_samples:
-                lins = [block.get_submodule(n) for n in group.linears]
-                rows = row_sensitivity(block.get_submodule(group.inspect), lins, probe, self.gen)
-                rows = rows.to(w_cat.device)
+            if not single and sens_args:
+                lins = [block.get_submodule(name) for name in group.linears]
+                mod = block.get_submodule(group.inspect)
+                rows = row_sensitivity(mod, lins, sens_args, self.gen).to(w_cat.device)
             return lambda s: scaled_error(w_cat, s, self.qcfg, gram, n, rows)
         if self.acfg.search == "fast":
             return self._exact_loss([block.get_submodule(n) for n in group.linears], call)
@@ -285,7 +290,7 @@ class AWQSearch:
             self.recipe.scales[key] = s
         return s
 
-    def _on_group(self, i: int, block: nn.Module, group: ScaleGroup, xs: list, call, probe):
+    def _on_group(self, i: int, block: nn.Module, group: ScaleGroup, xs: list, call, sens_args):
         """Search one group on its input chunks xs [B, T, C]; leaves effective weights in place.
 
         Returns ((s, clips) for apply_group, (rtn error, awq error) for the report).
@@ -301,7 +306,7 @@ class AWQSearch:
         gram, n = xg.T @ xg, xg.shape[0]
         s, idx = None, fold_index(block, group, self.acfg.gqa_fold)
         if idx is not None:
-            loss = self._scale_loss(block, group, xs, w_cat, gram, n, call, probe)
+            loss = self._scale_loss(block, group, xs, w_cat, gram, n, call, sens_args)
             s = self._search(f"{i}.{group.name}", loss, x_mean, w_cat, idx)
         sv = torch.ones(c, device=w_cat.device) if s is None else s[idx]
         clips = self._clips(i, group, lins, xs, sv, gram)
@@ -336,7 +341,7 @@ class AWQSearch:
         def on_all(xs: list[torch.Tensor], g: ScaleGroup) -> None:
             mod = block.get_submodule(g.inspect)
             pick = chunk_subset(len(xs), xs[0].shape[0], 0 if exact else self.acfg.loss_samples)
-            probe = []
+            sens_args = []
             if g.inspect in g.linears:
                 call = lambda: torch.cat([mod(xs[k]) for k in pick])  # noqa: E731
             else:
@@ -344,10 +349,10 @@ class AWQSearch:
                 call = lambda: torch.cat([_first(mod(*a, **kw)) for a, kw in saved])  # noqa: E731
                 if not exact and self.acfg.sensitivity_samples:
                     sub = chunk_subset(len(xs), xs[0].shape[0], self.acfg.sensitivity_samples)
-                    probe = [inspect_args[g.name][k] for k in sub]
+                    sens_args = [inspect_args[g.name][k] for k in sub]
             searching[0] = True
             try:
-                done[g.name] = self._on_group(i, block, g, xs, call, probe)
+                done[g.name] = self._on_group(i, block, g, xs, call, sens_args)
             finally:
                 searching[0] = False
                 inspect_args[g.name] = []

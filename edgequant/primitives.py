@@ -108,6 +108,7 @@ class _StaticFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero, top: int):
+        # x [...], scale/zero [] or broadcastable to x -> [...] on the grid, x.dtype
         u = x.float() / scale
         q = u.round().add_(zero)  # round(u) is what x + (round(x) - x) gives (Sterbenz)
         outside = (q < 0).logical_or_(q > top)  # bool masks: no float copies
@@ -118,7 +119,9 @@ class _StaticFakeQuant(torch.autograd.Function):
         return q.mul_(scale).to(x.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        # g [...] -> d/dx [...], d/dscale and d/dzero summed to scale's shape
         resid, outside, scale = ctx.saved_tensors
         g = g.float()
         gx = g.masked_fill(outside, 0.0)

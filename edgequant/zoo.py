@@ -149,16 +149,17 @@ def load(name_or_path: str, device: str | None = None):
     where = resolve(name_or_path)
     tok = load_tokenizer(where)
     if packed_dir(where) is not None:
-        return load_quantized(where), tok
-    if Path(where).is_dir() and quant_method(Path(where)) == STATIC_QUANT_METHOD:
+        model = load_quantized(where)
+    elif Path(where).is_dir() and quant_method(Path(where)) == STATIC_QUANT_METHOD:
         from edgequant.static_checkpoint import load_static
 
-        return load_static(where)[0], tok  # the quantizers stay attached through their hooks
-    try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
-    except OSError as e:
-        raise EdgequantError(
-            f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}"
-        ) from None
-    model.eval()
+        model = load_static(where)[0]  # the quantizers stay attached through their hooks
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
+        except OSError as e:
+            raise EdgequantError(
+                f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}"
+            ) from None
+        model.eval()
     return (model if device is None else model.to(device)), tok

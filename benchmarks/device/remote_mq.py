@@ -45,6 +45,7 @@ if __name__ == "__main__":
             "device": device_name(ids.device),
             "torch": torch.__version__,
             "losses": losses,
+            "sharing": int(os.environ.get("SHARING", "1")),  # trainings side by side on the GPU
         }
         with open(os.path.join(out, "run.json"), "w") as f:
             json.dump(run, f)
