@@ -33,7 +33,7 @@ VARIANTS = {
     "fp32": AWQConfig(bf16_matmul=False),
     "clipgrid40": AWQConfig(clip_grid=40),
     "exact": AWQConfig(search="exact"),
-    "nosens": AWQConfig(sensitivity_samples=0),
+    "sens8": AWQConfig(sensitivity_samples=8),
     "sens32": AWQConfig(sensitivity_samples=32),
 }
 

@@ -52,6 +52,8 @@ METHODS = {
     # the published clip search: q/k never clipped (AWQConfig.clip_all=False)
     "awq-qkskip": ("awq", AWQConfig(clip_all=False), None),
     "awq-exact-qkskip": ("awq", AWQConfig(search="exact", clip_all=False), None),
+    # the fast search with sensitivity-weighted rows in multi-linear groups
+    "awq-sens": ("awq", AWQConfig(sensitivity_samples=8), None),
 }
 INT2 = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -143,7 +145,7 @@ def awq_checks(rows: dict, r: dict) -> list[tuple[str, bool | str | None]]:
     cfg, checks = f"W{r['bits']} g{r['group_size']} {r['model']}", []
     fp = rows.get(f"{r['model']}|w16g-1|fp")
     rtn = rows.get(key({**r, "method": "rtn"}))
-    exact_label = r["method"].replace("awq", "awq-exact", 1)
+    exact_label = r["method"].replace("awq", "awq-exact", 1).replace("-sens", "")
     exact = rows.get(key({**r, "method": exact_label}))
     if exact is None and r["bits"] == 3 and r["method"] == "awq":
         checks.append((f"{cfg}: fast vs exact ({exact_label} not measured)", None))
@@ -213,7 +215,7 @@ def render(results: dict) -> str:
         if "searched_on" in r:
             secs = f"{secs} ({r['searched_on']['device']})"
         out.append(f"| {r['model']} | {cfg} | {r['method']} | {cells} | {secs} |")
-        if r["method"] in ("awq", "awq-qkskip") and r["bits"] >= 3:
+        if r["method"] in ("awq", "awq-qkskip", "awq-sens") and r["bits"] >= 3:
             checks += awq_checks(rows, r)
     table, int2_checks = int2_table(rows)
     out += ["", "## INT2", "", *table, "", "## Checks", ""]
@@ -229,7 +231,7 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    variants = [m for m in METHODS if "exact" in m or "qkskip" in m]  # run only when named
+    variants = [m for m in METHODS if any(v in m for v in ("exact", "qkskip", "sens"))]  # named
     p.add_argument("--methods", default="fp," + ",".join(m for m in METHODS if m not in variants))
     p.add_argument("--bits", default="4,3,2", help="which of each model's configs to run")
     p.add_argument("--group", type=int, help="only the configs with this group size")
