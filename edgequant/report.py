@@ -66,8 +66,10 @@ def read_results(paths: list[str | os.PathLike]) -> dict[str, dict]:
 
 
 def _rows(data: dict) -> list[dict]:
+    # rows that repeat another with a different AWQ search seed are left out of the plots
     rows = data["rows"]
-    return list(rows.values()) if isinstance(rows, dict) else list(rows)
+    rows = list(rows.values()) if isinstance(rows, dict) else list(rows)
+    return [r for r in rows if not r.get("seed")]
 
 
 def _perplexity_vs_bits(data: dict, plt):

@@ -1,0 +1,39 @@
+"""benchmarks/quality.py's checks: the fast-vs-exact gap over several AWQ search seeds."""
+
+import importlib.util
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location(
+    "quality", Path(__file__).parent.parent / "benchmarks" / "quality.py"
+)
+quality = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(quality)
+
+
+def row(method: str, austen: float, seed: int = 0, bits: int = 3) -> dict:
+    r = {"model": "m", "bits": bits, "group_size": 64, "method": method, "quant_seconds": 1.0,
+         "ppl": {t: {"ppl": austen} for t in quality.TEXTS}}  # fmt: skip
+    return {**r, "seed": seed} if seed else r
+
+
+def rendered(*rows: dict) -> str:
+    return quality.render({"rows": {quality.key(r): r for r in rows}})
+
+
+def test_seed_rows_have_their_own_key_and_label():
+    r0, r1 = row("awq", 10.0), row("awq", 11.0, seed=1)
+    assert quality.key(r0) == "m|w3g64|awq" and quality.key(r1) == "m|w3g64|awq|seed1"
+    assert "| m | W3 g64 | awq (seed 1) | 11.000 |" in rendered(r0, r1)
+
+
+def test_fast_vs_exact_compares_the_means_over_seeds():
+    base = [row("fp", 5.0, bits=16), row("rtn", 30.0)]
+    one = rendered(*base, row("awq", 10.3), row("awq-exact", 10.0))
+    assert "FAIL: W3 g64 m austen: awq fast 10.300 vs exact 10.000 (+3.00%, within 1%)" in one
+    # seed 1 pulls the fast mean to 10.05: within 1% of the exact mean (10.0)
+    two = rendered(*base, row("awq", 10.3), row("awq", 9.8, seed=1), row("awq-exact", 10.0))
+    line = next(x for x in two.splitlines() if "fast" in x and "austen" in x)
+    assert line.startswith("- PASS: W3 g64 m austen: awq fast 10.050 vs exact 10.000 (+0.50%")
+    assert "fast seeds 0,1: 9.800-10.300, exact seeds 0: 10.000-10.000" in line
+    # the other checks still judge the seed-0 row alone
+    assert "AWQ 10.300 < RTN 30.000" in two
