@@ -55,6 +55,15 @@ METHODS = {
     "awq-exact-qkskip": ("awq", AWQConfig(search="exact", clip_all=False), None),
     # the fast search with sensitivity-weighted rows in multi-linear groups
     "awq-sens": ("awq", AWQConfig(sensitivity_samples=8), None),
+    # the fast search scoring q/k/v and gate/up by the module loss on 4 calibration samples
+    "awq-ls4": ("awq", AWQConfig(loss_samples=4), None),
+}
+# fast-search rows -> the paper-exact row they are compared with
+EXACT_OF = {
+    "awq": "awq-exact",
+    "awq-qkskip": "awq-exact-qkskip",
+    "awq-sens": "awq-exact",
+    "awq-ls4": "awq-exact",
 }
 INT2 = ("rtn", "gptq", "awq", "awq+gptq")
 
@@ -178,7 +187,7 @@ def awq_checks(rows: dict, r: dict) -> list[tuple[str, bool | str | None]]:
     cfg, checks = f"W{r['bits']} g{r['group_size']} {r['model']}", []
     fp = rows.get(f"{r['model']}|w16g-1|fp")
     rtn = rows.get(key({**r, "method": "rtn"}))
-    exact_label = r["method"].replace("awq", "awq-exact", 1).replace("-sens", "")
+    exact_label = EXACT_OF[r["method"]]
     fast, exact = seeds_of(rows, r, r["method"]), seeds_of(rows, r, exact_label)
     if not exact and r["bits"] == 3 and r["method"] == "awq":
         checks.append((f"{cfg}: fast vs exact ({exact_label} not measured)", None))
@@ -258,11 +267,7 @@ def render(results: dict) -> str:
         if "searched_on" in r:
             secs = f"{secs} ({r['searched_on']['device']})"
         out.append(f"| {r['model']} | {cfg} | {method} | {cells} | {secs} |")
-        if (
-            r["method"] in ("awq", "awq-qkskip", "awq-sens")
-            and r["bits"] >= 3
-            and not r.get("seed")
-        ):
+        if r["method"] in EXACT_OF and r["bits"] >= 3 and not r.get("seed"):
             checks += awq_checks(rows, r)
     table, int2_checks = int2_table(rows)
     out += ["", "## INT2", "", *table, "", "## Checks", ""]
@@ -278,7 +283,7 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    variants = [m for m in METHODS if any(v in m for v in ("exact", "qkskip", "sens"))]  # named
+    variants = [m for m in METHODS if m.startswith("awq-")]  # run only when named
     p.add_argument("--methods", default="fp," + ",".join(m for m in METHODS if m not in variants))
     p.add_argument("--bits", default="4,3,2", help="which of each model's configs to run")
     p.add_argument("--group", type=int, help="only the configs with this group size")
