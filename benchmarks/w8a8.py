@@ -28,7 +28,7 @@ from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
 from edgequant.data import calibration_ids, evaluation_ids, get_source
 from edgequant.evaluate import perplexity
 from edgequant.io import atomic_write_text
-from edgequant.mobilequant import apply_trained
+from edgequant.mobilequant import LEGACY, apply_trained
 from edgequant.recipe import Recipe, apply_recipe
 from edgequant.zoo import load
 
@@ -63,7 +63,7 @@ def mobilequant_row(model, tok, cfg: StaticConfig, calib: CalibConfig, where: Pa
     run = json.loads((where / "run.json").read_text())
     if run["static"] != cfg.__dict__:
         raise SystemExit(f"{where} was trained with another static config: {run['static']}")
-    mcfg = MobileQuantConfig(**run["mobilequant"])
+    mcfg = MobileQuantConfig(**{**LEGACY, **run["mobilequant"]})  # runs from before a knob
     apply_recipe(model, Recipe.load(where / "smoothquant.safetensors"), quantize=False)
     apply_trained(model, cfg, mcfg, where / "mobilequant.pt")
     info = {"device": run["device"], "torch": run["torch"], "mobilequant": run["mobilequant"]}

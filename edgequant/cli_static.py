@@ -18,6 +18,8 @@ def add_static_args(p) -> None:
     g.add_argument("--alpha", type=float, help="SmoothQuant alpha (default: searched)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="MobileQuant training epochs")
     g.add_argument("--batch", type=int, default=d.batch, help="MobileQuant windows per step")
+    g.add_argument("--windows", type=int, default=d.windows,
+                   help="MobileQuant: calibration windows trained on (0: all)")  # fmt: skip
     lrs = {"scale": "equivalent-transformation scales", "clip": "weight clipping",
            "range": "activation ranges"}  # fmt: skip
     for name, what in lrs.items():
@@ -36,6 +38,7 @@ def cmd_quantize_static(a):
     mcfg = MobileQuantConfig(
         epochs=a.epochs,
         batch=a.batch,
+        windows=a.windows,
         lr_scale=a.lr_scale,
         lr_clip=a.lr_clip,
         lr_range=a.lr_range,

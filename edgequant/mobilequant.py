@@ -145,6 +145,9 @@ def bake(model: nn.Module, keep: bool = True) -> None:
                 parametrize.remove_parametrizations(m, name, leave_parametrized=keep)
 
 
+LEGACY = {"windows": 0}  # MobileQuantConfig knobs added later -> what older states ran with
+
+
 class _Stop(Exception):
     pass
 
@@ -175,6 +178,14 @@ def float_targets(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch: in
     return torch.cat([last_hidden(model, spec, ids[k : k + batch]) for k in starts])
 
 
+def training_windows(input_ids: torch.Tensor, windows: int) -> torch.Tensor:
+    # input_ids [N, T] -> [min(windows, N), T], evenly spaced (windows 0: all N)
+    n = len(input_ids)
+    if windows <= 0 or windows >= n:
+        return input_ids
+    return input_ids[[k * n // windows for k in range(windows)]]
+
+
 def _state(step, learn, qs, opt, sched, mcfg, losses) -> dict:
     return {
         "step": step,
@@ -198,7 +209,9 @@ def _load_state(path, learn, qs, mcfg, device) -> dict:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise EdgequantError(f"cannot read MobileQuant state {path}: {e}") from None
-    if state.get("config") != asdict(mcfg):
+    # states saved before a knob existed ran with its neutral value
+    saved = {**LEGACY, **state.get("config", {})}
+    if saved != asdict(mcfg):
         raise EdgequantError(f"{path} was saved with another MobileQuant configuration")
     if state.get("static", asdict(qs.cfg)) != asdict(qs.cfg):
         raise EdgequantError(f"{path} was saved with another static configuration (bits)")
@@ -234,13 +247,14 @@ def train(
         raise EdgequantError(f"MobileQuant has no precision map for {spec.name} models")
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = float_targets(model, spec, input_ids, mcfg.batch)
+    train_ids = training_windows(input_ids, mcfg.windows)
+    targets = float_targets(model, spec, train_ids, mcfg.batch)
     learn = attach(model, spec, scfg, mcfg)
     qs = Quantizers(model, scfg)
     try:
         with parametrize.cached():  # the weights do not change while ranges are observed
-            observe_ranges(model, qs, input_ids, mcfg.batch)
-        losses = _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps)
+            observe_ranges(model, qs, input_ids, mcfg.batch)  # on every calibration window
+        losses = _fit(model, spec, train_ids, targets, learn, qs, mcfg, state_path, max_steps)
     except BaseException:
         bake(model, keep=False)
         qs.remove()

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import FACTORIES
@@ -95,3 +97,26 @@ def test_failed_training_leaves_the_model_as_it_came(monkeypatch):
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert model.config._attn_implementation != "edgequant_static"
+
+
+def test_windows_trains_on_an_evenly_spaced_subset():
+    from edgequant.mobilequant import training_windows
+
+    ids = calib()
+    assert torch.equal(training_windows(ids, 4), ids[[0, 2, 4, 6]])
+    assert training_windows(ids, 0) is ids and training_windows(ids, 99) is ids
+    _, losses = train(smoothed("llama"), ids, SCFG, replace(MCFG, windows=4))
+    assert len(losses) == MCFG.epochs  # one step of 4 windows per epoch
+    with pytest.raises(EdgequantError, match="windows must be >= 0"):
+        MobileQuantConfig(windows=-1)
+
+
+def test_a_state_saved_before_the_windows_knob_still_loads(tmp_path):
+    path = tmp_path / "mq.pt"
+    qs, _ = train(smoothed("llama"), calib(), SCFG, MCFG, state_path=path)
+    state = torch.load(path, weights_only=True)
+    del state["config"]["windows"]  # as written by earlier versions: all windows trained on
+    torch.save(state, path)
+    assert apply_trained(smoothed("llama"), SCFG, MCFG, path).table() == qs.table()
+    with pytest.raises(EdgequantError, match="another MobileQuant configuration"):
+        apply_trained(smoothed("llama"), SCFG, replace(MCFG, windows=4), path)
