@@ -48,6 +48,8 @@ def mobilequant_label(mcfg: MobileQuantConfig) -> str:
     (save_every changes no result)."""
     base = MobileQuantConfig()
     diff = {k: v for k, v in mcfg.__dict__.items() if v != base.__dict__[k] and k != "save_every"}
+    if diff.get("windows") == 0:
+        diff["windows"] = "all"
     return "mobilequant" + "".join(f" {k}={v}" for k, v in sorted(diff.items()))
 
 
