@@ -189,7 +189,17 @@ def checks(rows: dict) -> list[tuple[str, bool | str | None]]:
                         r = ppl(mq, t) / ppl(fp, t) - 1
                         what = f"{name} W8A8 {t}: {label} within 10% of FP ({r:+.1%})"
                         out.append((what, r <= 0.1 if rank == 0 else "info"))
-    return out
+    return out + [cpu_budget(rows)]
+
+
+def cpu_budget(rows: dict) -> tuple[str, bool | None]:
+    """Issue #6: the default MobileQuant (SmoothQuant + training) of SmolLM2-135M W8A8 takes
+    under 30 minutes on this 2-core CPU."""
+    r = rows.get("smollm2-135m|w8a8|mobilequant")
+    what = "smollm2-135m W8A8: default MobileQuant (SmoothQuant + training) on this CPU"
+    if r is None or "trained_on" in r:
+        return what + " under 30 min", None
+    return f"{what}: {r['seconds'] / 60:.1f} min (under 30 min)", r["seconds"] < 1800
 
 
 def render(results: dict) -> str:
