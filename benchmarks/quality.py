@@ -174,6 +174,8 @@ def seed_note(fast: list[dict], exact: list[dict], text: str) -> str:
     def part(rows: list[dict]) -> str:
         seeds = ",".join(str(x.get("seed", 0)) for x in rows)
         vals = [ppl(x, text) for x in rows]
+        if len(vals) == 1:
+            return f"seed {seeds}: {vals[0]:.3f}"
         return f"seeds {seeds}: {min(vals):.3f}-{max(vals):.3f}"
 
     return f"; means over AWQ search seeds, fast {part(fast)}, exact {part(exact)}"
