@@ -1,0 +1,153 @@
+"""Which fast objective picks the AWQ scale that the paper's loss picks, group by group.
+
+    python benchmarks/awq_objective.py --model smollm2-135m --bits 3 --group 64
+
+On the float model's own block inputs (--n-samples calibration samples of 512 tokens), for
+every group of several linears (q/k/v into attention, gate/up into the MLP) and each of the
+20 grid points alpha = i / 20: the paper's loss (MSE of the inspected module's output over
+all samples, float32), the per-linear Gram error tr(D G D^T) on the same tokens, and the
+module loss on k samples (whole chunks of 4, evenly spaced, as AWQConfig(loss_samples=k)
+picks them). Each objective picks its alpha; its regret is the
+paper's loss at that alpha over the paper's minimum, minus 1. Writes a table and
+benchmarks/results/awq_objective.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from edgequant.api import _calibration
+from edgequant.arch import arch_for, blocks_of
+from edgequant.awq import _first, candidate_scale, chunk_subset, scaled_error
+from edgequant.calibrate import capture_block_inputs
+from edgequant.config import CalibConfig, QuantConfig
+from edgequant.io import atomic_write_text
+from edgequant.primitives import fake_quantize
+from edgequant.zoo import load
+
+RESULTS = Path(__file__).parent / "results" / "awq_objective.json"
+CHUNK = 4  # samples per forward, as the search runs them
+
+
+def group_curves(block, group, hidden, kwargs, qcfg, n_grid, subsets) -> dict[str, list]:
+    """Objective values over the alpha grid for one group; hidden [N, T, H] block inputs."""
+    mod = block.get_submodule(group.inspect)
+    lins = [block.get_submodule(n) for n in group.linears]
+    xs, calls = [], []
+    h1 = lins[0].register_forward_pre_hook(lambda m, a: xs.append(a[0]))
+    h2 = mod.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+    try:
+        for c in hidden.split(CHUNK):
+            block(c, **kwargs)
+    finally:
+        h1.remove()
+        h2.remove()
+    x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])
+    gram, n = x.T @ x, x.shape[0]
+    originals = [lin.weight.data for lin in lins]
+    w_cat = torch.cat(originals)
+    ref = [_first(mod(*a, **kw)) for a, kw in calls]
+    curves: dict[str, list] = {"paper": [], "gram": [], **{f"module-{k}": [] for k in subsets}}
+    for i in range(n_grid):
+        s = candidate_scale(x.abs().mean(0), None, i / n_grid)
+        for lin, w in zip(lins, originals, strict=True):
+            lin.weight.data = fake_quantize(w * s, qcfg)[0] / s
+        outs = [_first(mod(*a, **kw)) for a, kw in calls]
+        errs = [(o - r).pow(2).mean().item() for o, r in zip(outs, ref, strict=True)]
+        for lin, w in zip(lins, originals, strict=True):
+            lin.weight.data = w
+        curves["paper"].append(sum(errs) / len(errs))
+        curves["gram"].append(scaled_error(w_cat, s, qcfg, gram, n))
+        for k, pick in subsets.items():
+            curves[f"module-{k}"].append(sum(errs[j] for j in pick) / len(pick))
+    return curves
+
+
+@torch.no_grad()
+def measure(name: str, qcfg: QuantConfig, n_samples: int, ks: list[int], n_grid: int) -> list:
+    model, tok = load(name)
+    model.float().eval()
+    spec = arch_for(model)
+    ids = _calibration(model, tok, CalibConfig(n_samples=n_samples))
+    inputs = capture_block_inputs(model, spec, ids)
+    hidden = inputs.hidden
+    n_chunks = -(-n_samples // CHUNK)
+    subsets = {k: chunk_subset(n_chunks, CHUNK, k) for k in ks}  # chunk indices, as the search
+    rows = []
+    for i, block in enumerate(blocks_of(model, spec)):
+        kw = inputs.kwargs[i]
+        for g in spec.groups:
+            if len(g.linears) < 2:
+                continue
+            curves = group_curves(block, g, hidden, kw, qcfg, n_grid, subsets)
+            paper = curves["paper"]
+            row = {"block": i, "group": g.name}
+            for obj, vals in curves.items():
+                j = min(range(n_grid), key=vals.__getitem__)
+                row[obj] = {"alpha": j / n_grid, "regret": paper[j] / min(paper) - 1}
+            rows.append(row)
+            print(
+                f"block {i:2d} {g.name:8s} "
+                + "  ".join(f"{o} {row[o]['alpha']:.2f} ({row[o]['regret']:+.1%})" for o in curves),
+                flush=True,
+            )
+        hidden = torch.cat([_first(block(c, **kw)) for c in hidden.split(CHUNK)])
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group", type=int, default=64)
+    p.add_argument("--n-samples", type=int, default=16, help="calibration samples (512 tokens)")
+    p.add_argument("--module-samples", default="4,8", help="k for the module-k objectives")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    a = p.parse_args()
+    ks = [int(k) for k in a.module_samples.split(",")]
+    if any(k % CHUNK for k in ks):
+        p.error(f"--module-samples: multiples of {CHUNK} (the search takes whole chunks)")
+    rows = measure(a.model, QuantConfig(a.bits, a.group), a.n_samples, ks, 20)
+    objectives = [o for o in rows[0] if o not in ("block", "group")]
+    summary = {}
+    for o in objectives:
+        for g in sorted({r["group"] for r in rows}):
+            regrets = [r[o]["regret"] for r in rows if r["group"] == g]
+            summary[f"{o}|{g}"] = {
+                "mean_regret": sum(regrets) / len(regrets),
+                "max_regret": max(regrets),
+                "same_alpha": sum(
+                    r[o]["alpha"] == r["paper"]["alpha"] for r in rows if r["group"] == g
+                )
+                / len(regrets),
+            }
+    print(
+        f"\n{'objective':12s} {'group':8s} {'mean regret':>12s} {'max regret':>11s} "
+        f"{'same alpha':>10s}"
+    )
+    for k, v in summary.items():
+        o, g = k.split("|")
+        print(
+            f"{o:12s} {g:8s} {v['mean_regret']:12.2%} {v['max_regret']:11.2%} "
+            f"{v['same_alpha']:10.0%}"
+        )
+    results = json.loads(a.out.read_text()) if a.out.is_file() else {"runs": {}}
+    results["runs"][f"{a.model}|w{a.bits}g{a.group}"] = {
+        "model": a.model,
+        "bits": a.bits,
+        "group_size": a.group,
+        "n_samples": a.n_samples,
+        "protocol": "float model's block inputs; paper loss = module output MSE over all "
+        "samples; regret = paper loss at the objective's alpha / paper minimum - 1",
+        "summary": summary,
+        "rows": rows,
+    }
+    atomic_write_text(a.out, json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
