@@ -226,7 +226,7 @@ def int2_table(rows: dict) -> tuple[list[str], list[tuple[str, bool]]]:
             if key(r) not in rows:
                 checks.append((f"W2 g{group} {model}: AWQ+GPTQ under the current AWQ", None))
     for r in sorted(rows.values(), key=lambda r: (r["model"], -r["group_size"])):
-        if r["bits"] != 2 or r["method"] != "awq+gptq":
+        if r["bits"] != 2 or r["method"] != "awq+gptq" or r.get("seed"):
             continue
         cfg = f"W2 g{r['group_size']}"
         got = {m: rows.get(key({**r, "method": m})) for m in INT2}
@@ -293,7 +293,8 @@ def main() -> None:
         "--seeds",
         default="0",
         help="AWQ search seeds (AWQConfig.seed); rows for seeds > 0 "
-        "repeat a row, and fast vs exact compares the means over the seeds measured",
+        "repeat a row, and fast vs exact compares the means over the seeds measured; methods "
+        "without an AWQ search run for seed 0 only",
     )
     p.add_argument("--exact-only", action="store_true", help="only the exact-search W3 rows")
     p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")

@@ -212,7 +212,9 @@ def _load_state(path, learn, qs, mcfg, device) -> dict:
     # states saved before a knob existed ran with its neutral value
     saved = {**LEGACY, **state.get("config", {})}
     if saved != asdict(mcfg):
-        raise EdgequantError(f"{path} was saved with another MobileQuant configuration")
+        hint = " (states from before --windows trained on every window: --windows 0)"
+        hint = hint if "windows" not in state.get("config", {}) else ""
+        raise EdgequantError(f"{path} was saved with another MobileQuant configuration{hint}")
     if state.get("static", asdict(qs.cfg)) != asdict(qs.cfg):
         raise EdgequantError(f"{path} was saved with another static configuration (bits)")
     learn.load_state_dict(state["learnables"])

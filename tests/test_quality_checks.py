@@ -37,3 +37,10 @@ def test_fast_vs_exact_compares_the_means_over_seeds():
     assert "fast seeds 0,1: 9.800-10.300, exact seed 0: 10.000" in line
     # the other checks still judge the seed-0 row alone
     assert "AWQ 10.300 < RTN 30.000" in two
+
+
+def test_seed_repeats_stay_out_of_the_int2_table():
+    w2 = [row(m, v, bits=2) for m, v in (("rtn", 900.0), ("gptq", 90.0), ("awq", 80.0))]
+    text = rendered(*w2, row("awq+gptq", 50.0, bits=2), row("awq+gptq", 79.0, seed=1, bits=2))
+    int2 = text.split("## INT2")[1].split("## Checks")[0]
+    assert int2.count("| m | W2 g64 |") == 1 and "FAIL" not in text

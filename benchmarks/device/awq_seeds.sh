@@ -5,7 +5,9 @@
 #
 #   bash benchmarks/device/awq_seeds.sh        # -> $OUT/quality_seeds.json and .md
 #
-# Merge the rows wanted into benchmarks/results/quality.json here (quality.save re-renders).
+# Merge the rows wanted into benchmarks/results/quality.json here (quality.save re-renders):
+# its seed-0 `awq` rows share keys with the CPU rows there, so merge them under care (or
+# leave them out); its own .md lacks the FP / RTN rows, so those checks read MISSING.
 python benchmarks/quality.py --device cuda --models smollm2-135m,gemma3-270m --bits 3 \
     --methods "${METHODS:-awq-exact,awq-ls4,awq}" --seeds "${SEEDS:-0,1,2}" \
     --out "$OUT/quality_seeds.json"
