@@ -14,6 +14,7 @@ from edgequant.awq import (
     search_scale,
 )
 from edgequant.config import AWQConfig, QuantConfig
+from edgequant.errors import EdgequantError
 from edgequant.primitives import fake_quantize, group_minmax
 from edgequant.recipe import Recipe, apply_recipe
 
@@ -232,3 +233,8 @@ def test_sensitivity_weighting_moves_the_multi_linear_choice():
     on = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw, sensitivity_samples=8))
     off = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw))
     assert not torch.equal(on.scales["0.attn_in"], off.scales["0.attn_in"])
+
+
+def test_sensitivity_weights_and_module_loss_do_not_combine():
+    with pytest.raises(EdgequantError, match="set one of them to 0"):
+        AWQConfig(loss_samples=4, sensitivity_samples=8)
