@@ -44,3 +44,23 @@ def test_seed_repeats_stay_out_of_the_int2_table():
     text = rendered(*w2, row("awq+gptq", 50.0, bits=2), row("awq+gptq", 79.0, seed=1, bits=2))
     int2 = text.split("## INT2")[1].split("## Checks")[0]
     assert int2.count("| m | W2 g64 |") == 1 and "FAIL" not in text
+
+
+def int2_checks(*rows: dict) -> list[str]:
+    return [x for x in rendered(*rows).splitlines() if "W2 g64 m austen" in x]
+
+
+def test_int2_counts_each_method_with_its_better_column_order():
+    w2 = [row(m, v, bits=2) for m, v in (("rtn", 900.0), ("gptq", 90.0), ("awq", 80.0))]
+    # act-order GPTQ beats plain AWQ+GPTQ, but AWQ+GPTQ with act-order beats both
+    both = [*w2, row("gptq-act", 60.0, bits=2), row("awq+gptq", 70.0, bits=2)]
+    assert int2_checks(*both) == [
+        "- FAIL: W2 g64 m austen: AWQ+GPTQ (awq+gptq) 70.00 lowest (next: gptq-act 60.00)"
+    ]
+    fixed = int2_checks(*both, row("awq+gptq-act", 40.0, bits=2))
+    assert fixed == [
+        "- PASS: W2 g64 m austen: AWQ+GPTQ (awq+gptq-act) 40.00 lowest (next: gptq-act 60.00)"
+    ]
+    # a single method never measured (here GPTQ in either order) cannot pass
+    no_gptq = [r for r in w2 if r["method"] != "gptq"] + [row("awq+gptq", 10.0, bits=2)]
+    assert int2_checks(*no_gptq)[0].startswith("- FAIL:")
