@@ -39,8 +39,13 @@ def test_fast_vs_exact_compares_the_means_over_seeds():
     assert "AWQ 10.300 < RTN 30.000" in two
 
 
+def single_w2() -> list[dict]:
+    # RTN, plain GPTQ and AWQ at W2 g64 (Austen and pydocs alike)
+    return [row(m, v, bits=2) for m, v in (("rtn", 900.0), ("gptq", 90.0), ("awq", 80.0))]
+
+
 def test_seed_repeats_stay_out_of_the_int2_table():
-    w2 = [row(m, v, bits=2) for m, v in (("rtn", 900.0), ("gptq", 90.0), ("awq", 80.0))]
+    w2 = single_w2()
     text = rendered(*w2, row("awq+gptq", 50.0, bits=2), row("awq+gptq", 79.0, seed=1, bits=2))
     int2 = text.split("## INT2")[1].split("## Checks")[0]
     assert int2.count("| m | W2 g64 |") == 1 and "FAIL" not in text
@@ -51,7 +56,7 @@ def int2_checks(*rows: dict) -> list[str]:
 
 
 def test_int2_counts_each_method_with_its_better_column_order():
-    w2 = [row(m, v, bits=2) for m, v in (("rtn", 900.0), ("gptq", 90.0), ("awq", 80.0))]
+    w2 = single_w2()
     # act-order GPTQ beats plain AWQ+GPTQ, but AWQ+GPTQ with act-order beats both
     both = [*w2, row("gptq-act", 60.0, bits=2), row("awq+gptq", 70.0, bits=2)]
     assert int2_checks(*both) == [
