@@ -12,6 +12,9 @@ of issues #2 and #5: AWQ beats RTN on every row and text, W3 AWQ closes at least
 RTN-to-FP gap, the fast search is within 1% of the exact one, and at INT2 AWQ+GPTQ has the
 lowest perplexity of RTN / GPTQ / AWQ / AWQ+GPTQ (GPTQ and AWQ+GPTQ each with its better
 column order, plain or act-order: `gptq-act`, `awq+gptq-act`).
+
+benchmarks/results/quality_gpu.json holds W3 rows searched and evaluated on a GPU over many
+AWQ search seeds (benchmarks/device/awq_seeds.sh): the fast-vs-exact check on means there.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ METHODS = {
     "awq-sens": ("awq", AWQConfig(sensitivity_samples=8), None),
     # the fast search scoring q/k/v and gate/up by the module loss on 4 calibration samples
     "awq-ls4": ("awq", AWQConfig(loss_samples=4), None),
+    # the same two searches with the block forward in float32 matmuls (bf16_matmul=False)
+    "awq-fp32": ("awq", AWQConfig(bf16_matmul=False), None),
+    "awq-ls4-fp32": ("awq", AWQConfig(loss_samples=4, bf16_matmul=False), None),
 }
 # fast-search rows -> the paper-exact row they are compared with
 EXACT_OF = {
@@ -67,6 +73,8 @@ EXACT_OF = {
     "awq-qkskip": "awq-exact-qkskip",
     "awq-sens": "awq-exact",
     "awq-ls4": "awq-exact",
+    "awq-fp32": "awq-exact",
+    "awq-ls4-fp32": "awq-exact",
 }
 # INT2 table: each single method (GPTQ in both column orders) against AWQ+GPTQ (either)
 INT2_SINGLE = ("rtn", "gptq", "gptq-act", "awq")
@@ -282,7 +290,9 @@ def render(results: dict) -> str:
         if r["method"] in EXACT_OF and r["bits"] >= 3 and not r.get("seed"):
             checks += awq_checks(rows, r)
     table, int2_checks = int2_table(rows)
-    out += ["", "## INT2", "", *table, "", "## Checks", ""]
+    if len(table) > 2:  # a header and rows
+        out += ["", "## INT2", "", *table]
+    out += ["", "## Checks", ""]
     word = {True: "PASS", False: "FAIL", None: "MISSING", "info": "INFO"}
     out += [f"- {word[ok]}: {text}" for text, ok in checks + int2_checks]
     out += ["", f"Machine: {results.get('machine', '')}", ""]

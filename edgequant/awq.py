@@ -213,18 +213,29 @@ class AWQSearch:
             start += f.shape[0]
         return torch.cat(out).float()
 
-    def _exact_loss(self, lins: list[nn.Linear], call: Callable) -> Callable:
-        """Paper loss: MSE of the inspected module's output with the group fake-quantized."""
+    def _exact_loss(self, lins: list[nn.Linear], module: nn.Module, call: Callable) -> Callable:
+        """Paper loss: MSE of the inspected module's output with the group fake-quantized.
+
+        Under bf16 matmuls (fast search) every linear of `module` holds its bfloat16 weight
+        while one candidate is scored: the values bf16_linears would convert on each call,
+        converted once per candidate instead.
+        """
         originals = [lin.weight.data for lin in lins]
+        others = [m for m in module.modules() if isinstance(m, nn.Linear) and m not in lins]
+        bf16 = self.acfg.search == "fast" and self.acfg.bf16_matmul
         ref = call()
 
         def loss(s: torch.Tensor) -> float:
+            kept = [m.weight.data for m in others]
             try:
                 for lin, w in zip(lins, originals, strict=True):
-                    lin.weight.data = (fake_quantize(w.float() * s, self.qcfg)[0] / s).to(w.dtype)
+                    wq = fake_quantize(w.float() * s, self.qcfg)[0] / s
+                    lin.weight.data = wq.to(torch.bfloat16 if bf16 else w.dtype)
+                for m in others if bf16 else []:
+                    m.weight.data = m.weight.data.to(torch.bfloat16)
                 return (call() - ref).float().pow(2).mean().item()
             finally:
-                for lin, w in zip(lins, originals, strict=True):
+                for lin, w in zip(lins + others, originals + kept, strict=True):
                     lin.weight.data = w
 
         return loss
@@ -238,21 +249,20 @@ class AWQSearch:
         generator, so turning the weighting off also moves later token samples.
         """
         single = group.linears == (group.inspect,)
-        if self.acfg.search == "fast" and (not self.acfg.loss_samples or single):
+        fast = self.acfg.search == "fast"
+        lins = [block.get_submodule(name) for name in group.linears]
+        mod = block.get_submodule(group.inspect)
+        if fast and (not self.acfg.loss_samples or single):
             rows = None
             if not single and sens_args:
-                lins = [block.get_submodule(name) for name in group.linears]
-                mod = block.get_submodule(group.inspect)
                 rows = row_sensitivity(mod, lins, sens_args, self.gen).to(w_cat.device)
             return lambda s: scaled_error(w_cat, s, self.qcfg, gram, n, rows)
-        if self.acfg.search == "fast":
-            return self._exact_loss([block.get_submodule(n) for n in group.linears], call)
-        if group.linears == (group.inspect,):
-            # one inspected linear: its output MSE over all tokens is tr(D G D^T) / (N out)
-            flats = [x.reshape(-1, x.shape[-1]).float() for x in xs]
-            g_all, n_all = sum(f.T @ f for f in flats), sum(f.shape[0] for f in flats)
-            return lambda s: scaled_error(w_cat, s, self.qcfg, g_all, n_all)
-        return self._exact_loss([block.get_submodule(n) for n in group.linears], call)
+        if fast or not single:
+            return self._exact_loss(lins, mod, call)
+        # exact, one inspected linear: its output MSE over all tokens is tr(D G D^T) / (N out)
+        flats = [x.reshape(-1, x.shape[-1]).float() for x in xs]
+        g_all, n_all = sum(f.T @ f for f in flats), sum(f.shape[0] for f in flats)
+        return lambda s: scaled_error(w_cat, s, self.qcfg, g_all, n_all)
 
     def _clips(self, i: int, group: ScaleGroup, lins: list, xs: list, sv, gram) -> dict:
         # sv [C] the group's scale, gram [C, C] of the unscaled Gram sample (clip check)

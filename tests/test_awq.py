@@ -5,6 +5,7 @@ import torch
 from conftest import FACTORIES, llama
 
 from edgequant.awq import (
+    AWQSearch,
     awq_quantize,
     candidate_scale,
     chunk_subset,
@@ -13,6 +14,7 @@ from edgequant.awq import (
     row_sensitivity,
     search_scale,
 )
+from edgequant.calibrate import bf16_linears
 from edgequant.config import AWQConfig, QuantConfig
 from edgequant.errors import EdgequantError
 from edgequant.primitives import fake_quantize, group_minmax
@@ -188,6 +190,27 @@ def test_module_loss_on_all_samples_picks_the_exact_scales():
     assert exact.scales.keys() == fast.scales.keys()
     for k in exact.scales:
         assert torch.allclose(exact.scales[k], fast.scales[k]), k
+
+
+def test_bf16_module_loss_scores_what_bf16_linears_would_and_restores_the_weights():
+    # the fast module loss holds every linear of the module in bfloat16 while it scores one
+    # candidate: the same numbers as converting float32 weights on each bf16_linears call
+    model = llama()
+    mlp, q = model.model.layers[0].mlp, QuantConfig(3, 16)
+    x = torch.randn(2, 8, mlp.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
+    s = torch.rand(x.shape[-1], generator=torch.Generator().manual_seed(1)) + 0.5
+    before = {n: p.detach().clone() for n, p in mlp.named_parameters()}
+    lins = [mlp.gate_proj, mlp.up_proj]
+    search = AWQSearch(model, q, AWQConfig(loss_samples=2))
+    with torch.no_grad(), bf16_linears(mlp):
+        got = search._exact_loss(lins, mlp, lambda: mlp(x))(s)
+        for n, p in mlp.named_parameters():
+            assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+        ref = mlp(x)
+        for lin in lins:
+            lin.weight.data = fake_quantize(lin.weight * s, q)[0] / s
+        want = (mlp(x) - ref).pow(2).mean().item()
+    assert got == want
 
 
 def test_chunk_subset_spreads_over_the_calibration_set():
