@@ -9,12 +9,12 @@ from edgequant.awq import (
     awq_quantize,
     candidate_scale,
     chunk_subset,
-    clip_bounds,
     gram_error,
     row_sensitivity,
     search_scale,
 )
 from edgequant.calibrate import bf16_linears
+from edgequant.clip import clip_bounds
 from edgequant.config import AWQConfig, QuantConfig
 from edgequant.errors import EdgequantError
 from edgequant.primitives import fake_quantize, group_minmax
