@@ -21,10 +21,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def plottable(folder: Path) -> list[Path]:
+    # one file per kind: quality.json, not quality_gpu.json (the GPU seed study)
     out = []
     for p in sorted(folder.glob("*.json")):
         try:
-            read_results([p])
+            read_results([*out, p])
         except EdgequantError:
             continue
         out.append(p)

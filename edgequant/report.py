@@ -22,10 +22,8 @@ from pathlib import Path
 from edgequant.errors import EdgequantError
 from edgequant.io import atomic_write_text
 
-METHOD_ORDER = (
-    "fp", "rtn", "awq", "awq-qkskip", "gptq", "gptq-act", "awq+gptq",
-    "awq-exact", "awq-exact-qkskip",
-)  # fmt: skip
+# the methods drawn against bits: the paper's comparisons (search variants live in the tables)
+METHOD_ORDER = ("rtn", "awq", "gptq", "gptq-act", "awq+gptq", "awq+gptq-act", "awq-exact")
 
 
 def _kind(data: dict) -> str | None:
@@ -53,6 +51,7 @@ def _kind(data: dict) -> str | None:
 def read_results(paths: list[str | os.PathLike]) -> dict[str, dict]:
     """{kind: data} from JSON files; unreadable or unrecognised files raise."""
     found: dict[str, dict] = {}
+    source: dict[str, Path] = {}
     for p in map(Path, paths):
         try:
             data = json.loads(p.read_text())
@@ -61,7 +60,9 @@ def read_results(paths: list[str | os.PathLike]) -> dict[str, dict]:
         kind = _kind(data) if isinstance(data, dict) else None
         if kind is None:
             raise EdgequantError(f"{p}: not a benchmark result edgequant knows how to plot")
-        found[kind] = data
+        if kind in found:
+            raise EdgequantError(f"{p}: a second {kind} result after {source[kind]}; give one")
+        found[kind], source[kind] = data, p
     return found
 
 
@@ -85,8 +86,7 @@ def _perplexity_vs_bits(data: dict, plt):
             ax = axes[i][j]
             sel = [r for r in rows if r["model"] == model and r["group_size"] == main_group]
             names = {r["method"] for r in sel}
-            order = [m for m in METHOD_ORDER if m in names] + sorted(names - set(METHOD_ORDER))
-            for m in order:
+            for m in (m for m in METHOD_ORDER if m in names):
                 pts = sorted((r["bits"], r["ppl"][text]["ppl"]) for r in sel if r["method"] == m)
                 ax.plot(*zip(*pts, strict=True), marker="o", label=m)
             if fp:
@@ -102,17 +102,20 @@ def _perplexity_vs_bits(data: dict, plt):
 
 
 def _awq_blocks(data: dict, plt):
-    rows = [r for r in _rows(data) if r.get("blocks")]
-    if not rows:
+    rows = [r for r in _rows(data) if r.get("blocks") and r["method"] == "awq"]
+    models = sorted({r["model"] for r in rows})
+    if not models:
         return None
-    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 3.4), squeeze=False)
-    for ax, r in zip(axes[0], rows, strict=True):
-        blocks = [b["block"] for b in r["blocks"]]
-        cut = [100 * (1 - b["awq_error"] / b["rtn_error"]) for b in r["blocks"]]
-        ax.bar(blocks, cut, color="tab:green")
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for r in sorted((r for r in rows if r["model"] == model), key=lambda r: -r["bits"]):
+            blocks = [b["block"] for b in r["blocks"]]
+            cut = [100 * (1 - b["awq_error"] / b["rtn_error"]) for b in r["blocks"]]
+            ax.plot(blocks, cut, marker=".", label=f"W{r['bits']} g{r['group_size']}")
         ax.set_xlabel("block")
         ax.set_ylabel("output error removed vs RTN (%)")
-        ax.set_title(f"{r['model']} W{r['bits']} g{r['group_size']} {r['method']}")
+        ax.set_title(f"{model}, AWQ")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -151,9 +154,12 @@ def _w8a8(data: dict, plt):
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
     for ax, (model, text) in zip(axes[0], keys, strict=True):
-        sel = sorted((r for r in rows if r["model"] == model), key=lambda r: r["config"])
-        ax.barh([f"{r['method']} {r['config']}" for r in sel],
-                [r["ppl"][text]["ppl"] for r in sel], color="tab:purple")  # fmt: skip
+        best: dict[str, float] = {}  # "method config" -> its best row (settings dropped)
+        for r in (r for r in rows if r["model"] == model):
+            label = f"{r['method'].split()[0]} {r['config']}"
+            best[label] = min(best.get(label, math.inf), r["ppl"][text]["ppl"])
+        labels = sorted(best, key=lambda k: (k.split()[1], k))
+        ax.barh(labels, [best[k] for k in labels], color="tab:purple")
         fp = data["rows"].get(f"{model}|fp|fp") if isinstance(data["rows"], dict) else None
         if fp:
             ax.axvline(fp["ppl"][text]["ppl"], color="black", ls="--", lw=1, label="fp")
@@ -194,7 +200,7 @@ FIGURES: dict[str, tuple[str, str, Callable]] = {  # id -> (input kind, caption,
     "speed": ("speed", "Decode speed per runtime (2 threads)", _speed),
     "fidelity": ("fidelity", "KL divergence from the float model", _fidelity),
     "robustness": ("robustness", "Perplexity by calibration and evaluation text", _robustness),
-    "w8a8": ("w8a8", "Integer-only W8A8 / W4A8 perplexity (static activation ranges)", _w8a8),
+    "w8a8": ("w8a8", "Integer-only W8A8 / W4A8 perplexity, best run per method", _w8a8),
 }
 
 

@@ -47,6 +47,20 @@ def test_report_draws_every_figure(tmp_path):
     assert "Once &lt;upon&gt;" in page and "b &amp; c" in page  # text is escaped
 
 
+def test_report_draws_every_figure_from_the_committed_results(tmp_path):
+    names = ("quality", "speed", "fidelity", "robustness", "generations", "w8a8")
+    drawn = write_report([RESULTS / f"{n}.json" for n in names], tmp_path / "r.html")
+    assert set(drawn) == {
+        "perplexity-vs-bits",
+        "awq-block-error",
+        "speed",
+        "fidelity",
+        "robustness",
+        "w8a8",
+        "generations",
+    }
+
+
 def test_report_names_what_it_could_not_draw(tmp_path):
     drawn = write_report([RESULTS / "speed.json"], tmp_path / "r.html")
     assert drawn == ["speed"]
@@ -60,6 +74,8 @@ def test_report_rejects_unknown_json(tmp_path, capsys):
         read_results([bad])
     assert main(["report", str(bad), "--out", str(tmp_path / "r.html")]) == 2
     assert not (tmp_path / "r.html").exists()
+    with pytest.raises(EdgequantError, match="a second quality result after .*quality.json"):
+        read_results([RESULTS / "quality.json", RESULTS / "quality_gpu.json"])
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed")
