@@ -1,12 +1,13 @@
 """Wall time of the quantize command, end to end, as a user runs it.
 
-    python benchmarks/quantize_time.py [--method awq|gptq|...] [--runs 2]
+    python benchmarks/quantize_time.py [--method awq|gptq|...] [--runs 2] [--loss-samples N]
 
 Runs `edgequant quantize smollm2-135m --method METHOD --w-bits 4 --group-size 64`
 (calibration 128 x 512 pydocs tokens) in a fresh process per run and writes the median
 under the method's key in benchmarks/results/quantize_time.json (issue #2's target is AWQ,
 issue #5's GPTQ; both under 3 minutes). The model must already be in the cache (one
 `edgequant eval smollm2-135m` converts it), so the time is load + calibration + search.
+--loss-samples N times the AWQ search with `--loss-samples N`, saved under "METHOD-lsN".
 """
 
 from __future__ import annotations
@@ -31,10 +32,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--method", default="awq", choices=("rtn", "awq", "gptq", "awq+gptq"))
     p.add_argument("--runs", type=int, default=2)
+    p.add_argument("--loss-samples", type=int, default=0, help="pass --loss-samples N (AWQ)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/quantize_time.json")
     args = p.parse_args()
     exe = Path(sys.executable).with_name("edgequant")
     command = [*COMMAND, args.method]
+    label = args.method
+    if args.loss_samples:
+        command += ["--loss-samples", str(args.loss_samples)]
+        label = f"{args.method}-ls{args.loss_samples}"
     walls, reported = [], []
     for k in range(args.runs):
         t0 = time.perf_counter()
@@ -62,7 +68,7 @@ def main() -> None:
         )
     saved = json.loads(args.out.read_text()) if args.out.is_file() else {}
     saved = saved if "command" not in saved else {"awq": saved}  # the old flat layout
-    saved[args.method] = result
+    saved[label] = result
     atomic_write_text(args.out, json.dumps(saved, indent=2) + "\n")
     print("| runs | median wall (s) | s/block | budget (s) |\n|---|---|---|---|")
     print(f"| {args.runs} | {med:.1f} | {med / 30:.2f} | {BUDGET_S:.0f} |")

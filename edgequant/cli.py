@@ -46,6 +46,14 @@ def _add_quantize(sub) -> None:
         default=True,
         help="clip q/k too (default; --no-clip-all skips them as the published search does)",
     )
+    p.add_argument(
+        "--loss-samples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="AWQ fast search: score q/k/v and gate/up by the inspected module's output on N "
+        "calibration samples instead of the Gram form (0, default)",
+    )
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H)")
     p.add_argument(
         "--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean diag"
@@ -169,6 +177,7 @@ def cmd_quantize(a) -> dict:
         clip=a.clip,
         clip_form=a.clip_form,
         clip_all=a.clip_all,
+        loss_samples=a.loss_samples,
     )
     ccfg = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
     from edgequant.formats import check_format, default_format

@@ -87,6 +87,8 @@ class AWQConfig:
             raise EdgequantError("grid sizes must be positive")
         if not 0.0 <= self.clip_max_shrink < 1.0:
             raise EdgequantError(f"clip max shrink must be in [0, 1), got {self.clip_max_shrink}")
+        if self.loss_samples < 0 or self.sensitivity_samples < 0:
+            raise EdgequantError("loss_samples and sensitivity_samples must be >= 0")
         if self.loss_samples > 0 and self.sensitivity_samples > 0:
             raise EdgequantError(
                 "sensitivity_samples weights the Gram form, which loss_samples replaces; "

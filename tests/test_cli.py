@@ -194,3 +194,17 @@ def test_integer_only_rejects_bad_bits(capsys, tmp_path, tiny_dir, calib_file):
     argv = ["quantize", tiny_dir(), "--method", "static-rtn", "--a-bits", "4"]
     code, err = run(capsys, *argv, "--calib", calib_file)
     assert code == 2 and "a_bits 8 or 16" in err[-1]
+
+
+def test_loss_samples_reaches_the_search_and_bad_values_are_refused(
+    capsys, tmp_path, tiny_dir, calib_file
+):
+    from edgequant.recipe import Recipe
+
+    search, model = tmp_path / "s.safetensors", tiny_dir()
+    args = quantize_args(model, tmp_path / "q", calib_file, "--save-search", search)
+    assert main([str(a) for a in [*args, "--loss-samples", "2"]]) == 0
+    assert Recipe.load(search).awq.loss_samples == 2
+    bad = quantize_args(model, tmp_path / "r", calib_file, "--loss-samples", "-1")
+    code, err = run(capsys, *bad)
+    assert code == 2 and "must be >= 0" in err[-1] and not (tmp_path / "r").exists()
