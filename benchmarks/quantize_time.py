@@ -35,6 +35,8 @@ def main() -> None:
     p.add_argument("--loss-samples", type=int, default=0, help="pass --loss-samples N (AWQ)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/quantize_time.json")
     args = p.parse_args()
+    if args.loss_samples and args.method != "awq":
+        p.error("--loss-samples applies to --method awq")
     exe = Path(sys.executable).with_name("edgequant")
     command = [*COMMAND, args.method]
     label = args.method

@@ -171,8 +171,8 @@ class AWQSearch:
         """Paper loss: MSE of the inspected module's output with the group fake-quantized.
 
         Under bf16 matmuls (fast search) every linear of `module` holds its bfloat16 weight
-        while one candidate is scored: the values bf16_linears would convert on each call,
-        converted once per candidate instead.
+        while one candidate is scored: for float32 weights, the values bf16_linears would
+        convert on each call, converted once per candidate instead.
         """
         originals = [lin.weight.data for lin in lins]
         others = [m for m in module.modules() if isinstance(m, nn.Linear) and m not in lins]

@@ -89,6 +89,11 @@ class AWQConfig:
             raise EdgequantError(f"clip max shrink must be in [0, 1), got {self.clip_max_shrink}")
         if self.loss_samples < 0 or self.sensitivity_samples < 0:
             raise EdgequantError("loss_samples and sensitivity_samples must be >= 0")
+        if self.search == "exact" and (self.loss_samples or self.sensitivity_samples):
+            raise EdgequantError(
+                "loss_samples and sensitivity_samples shape the fast search; the exact search "
+                "scores every sample"
+            )
         if self.loss_samples > 0 and self.sensitivity_samples > 0:
             raise EdgequantError(
                 "sensitivity_samples weights the Gram form, which loss_samples replaces; "

@@ -261,3 +261,10 @@ def test_sensitivity_weighting_moves_the_multi_linear_choice():
 def test_sensitivity_weights_and_module_loss_do_not_combine():
     with pytest.raises(EdgequantError, match="set one of them to 0"):
         AWQConfig(loss_samples=4, sensitivity_samples=8)
+
+
+def test_sample_counts_are_fast_search_options():
+    with pytest.raises(EdgequantError, match="the exact search scores every sample"):
+        AWQConfig(search="exact", loss_samples=4)
+    with pytest.raises(EdgequantError, match="must be >= 0"):
+        AWQConfig(sensitivity_samples=-1)

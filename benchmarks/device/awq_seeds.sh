@@ -14,20 +14,24 @@
 set -u
 dir=/tmp/seeds
 mkdir -p "$dir"
-case "$1" in
+case "${1:-}" in
 start)
     model=$2
-    python3 -c "from edgequant.zoo import load; load('$model')"  # convert once, then share
+    # convert once, then share
+    python3 -c "from edgequant.zoo import load; load('$model')" || exit 1
     for methods in ${SETS:-fp,rtn,awq-exact awq,awq-ls4 awq-fp32,awq-ls4-fp32}; do
         tag="$model-${methods//,/_}"
         OMP_NUM_THREADS=3 setsid nohup python3 benchmarks/quality.py --device cuda \
             --models "$model" --bits 3 --methods "$methods" --seeds "${SEEDS:-0,1,2}" \
             --out "$dir/$tag.json" >"$dir/$tag.log" 2>&1 </dev/null &
+        echo $! >>"$dir/pids"
     done
     ;;
 wait)
     end=$((SECONDS + $2))
-    while pgrep -f benchmarks/quality.py >/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+    running() { for p in $(cat "$dir/pids"); do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+    while running && [ $SECONDS -lt $end ]; do sleep 5; done
+    running && echo "WARNING: runs still going after $2 s; merging the rows done so far"
     tail -n 3 "$dir"/*.log
     python3 - "$dir" "$OUT/quality_gpu.json" <<'EOF'
 import json, pathlib, sys
@@ -39,5 +43,9 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
 pathlib.Path(sys.argv[2]).write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
 print(len(rows), "rows")
 EOF
+    ;;
+*)
+    echo "usage: awq_seeds.sh start MODEL | wait SECONDS" >&2
+    exit 2
     ;;
 esac
