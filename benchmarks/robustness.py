@@ -8,7 +8,9 @@ and on Austen's novels other than Pride and Prejudice, each evaluated on held-ou
 (reference/faq) and on Pride and Prejudice; the mismatch penalty of a method is its
 perplexity when calibrated on the other text minus its perplexity when calibrated on the
 evaluated one. size: pydocs calibration with 8, 16, 32, 64 and 128 blocks.
-Rows merge into benchmarks/results/robustness.json; robustness.md states the result.
+Rows merge into benchmarks/results/robustness.json; robustness.md states the result. A
+calibration run whose rows are in the JSON already is skipped: an interrupted study resumes,
+and the size study reuses the distribution study's 128-block pydocs run.
 """
 
 from __future__ import annotations
@@ -128,6 +130,10 @@ def main() -> None:
             for label in a.methods.split(","):
                 method, acfg, gcfg = METHODS[label]
                 for calib, n in runs:
+                    done = {"model": name, "bits": bits, "method": label, "calib": calib}
+                    done |= {"n_samples": n}
+                    if all(key(done | {"eval": t}) in results["rows"] for t in TEXTS):
+                        continue  # measured already (a resumed or overlapping study)
                     model, _ = load(name, a.device)
                     cfg = CalibConfig(source=calib, n_samples=n)
                     quantize_model(model, tok, method, quant=q, awq=acfg, calib=cfg, gptq=gcfg)

@@ -4,6 +4,8 @@ SmoothQuant / MobileQuant perplexity and calibration or training wall time.
     python benchmarks/w8a8.py                                   # every model, method, config
     python benchmarks/w8a8.py --models smollm2-135m --methods static-rtn --configs w8a8
     python benchmarks/w8a8.py --models gemma3-270m --methods mobilequant --configs w4a8 \\
+        --knobs lr_clip=0.03,lr_range=0.003   # trained here with other knobs
+    python benchmarks/w8a8.py --models gemma3-270m --methods mobilequant --configs w4a8 \\
         --load-trained DIR     # a MobileQuant run trained elsewhere (e.g. on a GPU)
 
 Rows merge into benchmarks/results/w8a8.json by (model, config, method); w8a8.md is rendered
@@ -19,6 +21,7 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -53,12 +56,24 @@ def mobilequant_label(mcfg: MobileQuantConfig) -> str:
     return "mobilequant" + "".join(f" {k}={v}" for k, v in sorted(diff.items()))
 
 
-def mobilequant_row(model, tok, cfg: StaticConfig, calib: CalibConfig, where: Path | None):
-    """SmoothQuant, then MobileQuant training here, or re-applied from `where` (trained
-    elsewhere, any knobs: smoothquant.safetensors + mobilequant.pt + run.json).
+def mobilequant_knobs(text: str) -> MobileQuantConfig:
+    """Parse "lr_clip=0.03,epochs=4" into a MobileQuantConfig ("" gives the defaults)."""
+    parse = {"int": int, "float": float, "bool": lambda v: v == "true"}
+    types = {f.name: parse[f.type] for f in fields(MobileQuantConfig)}
+    knobs = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in types or not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: want NAME=VALUE, NAME in {list(types)}")
+        knobs[name] = types[name](value)
+    return MobileQuantConfig(**knobs)
+
+
+def mobilequant_row(model, tok, cfg: StaticConfig, calib, where: Path | None, mcfg):
+    """SmoothQuant, then MobileQuant training here with `mcfg`, or re-applied from `where`
+    (trained elsewhere, any knobs: smoothquant.safetensors + mobilequant.pt + run.json).
     Returns (label, seconds, info)."""
     if where is None:
-        mcfg = MobileQuantConfig()
         t0 = time.perf_counter()
         quantize_static(model, tok, "mobilequant", cfg, calib, mcfg)
         return mobilequant_label(mcfg), time.perf_counter() - t0, None
@@ -98,7 +113,8 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
                 continue
             model, tok = load(name, args.device)
             if method == "mobilequant":
-                label, seconds, info = mobilequant_row(model, tok, cfg, calib, args.load_trained)
+                where, mcfg = args.load_trained, args.knobs
+                label, seconds, info = mobilequant_row(model, tok, cfg, calib, where, mcfg)
                 record(model, config, label, seconds, info)
                 continue
             t0 = time.perf_counter()
@@ -252,6 +268,13 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--load-trained", type=Path, help="a MobileQuant run trained elsewhere")
+    p.add_argument(
+        "--knobs",
+        type=mobilequant_knobs,
+        default=MobileQuantConfig(),
+        help="MobileQuant training here with other knobs, e.g. lr_clip=0.03,lr_range=0.003 "
+        "(rows are labelled by the knobs that differ from the defaults)",
+    )
     p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "w8a8.json")
     p.add_argument("--speed", action="store_true", help="only the ONNX Runtime block timing")

@@ -1,0 +1,31 @@
+"""benchmarks/w8a8.py's MobileQuant knobs: parsed into the config, named in the row label."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgequant.config import MobileQuantConfig
+
+spec = importlib.util.spec_from_file_location(
+    "w8a8", Path(__file__).parent.parent / "benchmarks" / "w8a8.py"
+)
+w8a8 = importlib.util.module_from_spec(spec)
+sys.modules["w8a8"] = w8a8
+spec.loader.exec_module(w8a8)
+
+
+def test_knobs_set_the_config_and_name_the_row():
+    mcfg = w8a8.mobilequant_knobs("lr_clip=0.03,epochs=4,windows=0")
+    assert (mcfg.lr_clip, mcfg.epochs, mcfg.windows) == (0.03, 4, 0)
+    assert mcfg.lr_scale == MobileQuantConfig().lr_scale
+    assert w8a8.mobilequant_label(mcfg) == "mobilequant epochs=4 lr_clip=0.03 windows=all"
+    assert w8a8.mobilequant_label(w8a8.mobilequant_knobs("")) == "mobilequant"
+
+
+@pytest.mark.parametrize("text", ["lr=0.1", "epochs", "epochs=x"])
+def test_a_bad_knob_is_refused(text):
+    with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+        w8a8.mobilequant_knobs(text)
