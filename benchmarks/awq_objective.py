@@ -9,8 +9,9 @@ all samples, float32), the per-linear Gram error tr(D G D^T) on the same tokens,
 module loss on k samples (whole chunks of 4, evenly spaced, as AWQConfig(loss_samples=k)
 picks them; those chunks are among the paper loss's samples, 4 of 16 by default where the
 search sees 4 of 128, which flatters module-k somewhat). Each objective picks its alpha; its
-regret is the paper's loss at that alpha over the paper's minimum, minus 1. Writes a table
-and benchmarks/results/awq_objective.json.
+regret is the paper's loss at that alpha over the paper's minimum, minus 1. Each objective
+also picks coarse to fine (AWQConfig.coarse_step, --coarse-step K: "<objective>-coarseK").
+Writes a table and benchmarks/results/awq_objective.json, with every curve.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from edgequant.api import _calibration
 from edgequant.arch import arch_for, blocks_of
-from edgequant.awq import _first, candidate_scale, chunk_subset, scaled_error
+from edgequant.awq import _first, candidate_scale, chunk_subset, grid_argmin, scaled_error
 from edgequant.calibrate import capture_block_inputs
 from edgequant.config import CalibConfig, QuantConfig
 from edgequant.io import atomic_write_text
@@ -69,14 +70,14 @@ def group_curves(block, group, hidden, kwargs, qcfg, n_grid, subsets) -> dict[st
 
 
 @torch.no_grad()
-def measure(name: str, qcfg: QuantConfig, n_samples: int, ks: list[int], n_grid: int) -> list:
+def measure(name: str, qcfg: QuantConfig, n_samples: int, ks: list[int], coarse: int) -> list:
     model, tok = load(name)
     model.float().eval()
     spec = arch_for(model)
     ids = _calibration(model, tok, CalibConfig(n_samples=n_samples))
     inputs = capture_block_inputs(model, spec, ids)
     hidden = inputs.hidden
-    n_chunks = -(-n_samples // CHUNK)
+    n_grid, n_chunks = 20, -(-n_samples // CHUNK)
     subsets = {k: chunk_subset(n_chunks, CHUNK, k) for k in ks}  # chunk indices, as the search
     rows = []
     for i, block in enumerate(blocks_of(model, spec)):
@@ -88,8 +89,10 @@ def measure(name: str, qcfg: QuantConfig, n_samples: int, ks: list[int], n_grid:
             paper = curves["paper"]
             row = {"block": i, "group": g.name}
             for obj, vals in curves.items():
-                j = min(range(n_grid), key=vals.__getitem__)
-                row[obj] = {"alpha": j / n_grid, "regret": paper[j] / min(paper) - 1}
+                for label, step in {obj: 1, f"{obj}-coarse{coarse}": coarse}.items():
+                    j = grid_argmin(n_grid, step, vals.__getitem__)[0]
+                    row[label] = {"alpha": j / n_grid, "regret": paper[j] / min(paper) - 1}
+            row["curves"] = curves
             rows.append(row)
             print(
                 f"block {i:2d} {g.name:8s} "
@@ -107,13 +110,15 @@ def main() -> None:
     p.add_argument("--group", type=int, default=64)
     p.add_argument("--n-samples", type=int, default=16, help="calibration samples (512 tokens)")
     p.add_argument("--module-samples", default="4,8", help="k for the module-k objectives")
+    p.add_argument("--coarse-step", type=int, default=4, help="also each objective's pick "
+                   "when it scores the grid coarse to fine (AWQConfig.coarse_step)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     ks = [int(k) for k in a.module_samples.split(",")]
     if a.n_samples % CHUNK or any(k % CHUNK for k in ks):
         p.error(f"--n-samples, --module-samples: multiples of {CHUNK} (whole chunks)")
-    rows = measure(a.model, QuantConfig(a.bits, a.group), a.n_samples, ks, 20)
-    objectives = [o for o in rows[0] if o not in ("block", "group")]
+    rows = measure(a.model, QuantConfig(a.bits, a.group), a.n_samples, ks, a.coarse_step)
+    objectives = [o for o in rows[0] if o not in ("block", "group", "curves")]
     summary = {}
     for o in objectives:
         for g in sorted({r["group"] for r in rows}):
