@@ -10,8 +10,10 @@ module loss on k samples (whole chunks of 4, evenly spaced, as AWQConfig(loss_sa
 picks them; those chunks are among the paper loss's samples, 4 of 16 by default where the
 search sees 4 of 128, which flatters module-k somewhat). Each objective picks its alpha; its
 regret is the paper's loss at that alpha over the paper's minimum, minus 1. Each objective
-also picks coarse to fine (AWQConfig.coarse_step, --coarse-step K: "<objective>-coarseK").
-Writes a table and benchmarks/results/awq_objective.json, with every curve.
+also picks coarse to fine ("<objective>-coarseK", --coarse-step K: every K-th alpha, then
+the step halved around the best; 10 of the 20 points for K = 4), which would halve the
+search's cost if the curves were unimodal. Writes a table and
+benchmarks/results/awq_objective.json, with every curve.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from edgequant.api import _calibration
 from edgequant.arch import arch_for, blocks_of
-from edgequant.awq import _first, candidate_scale, chunk_subset, grid_argmin, scaled_error
+from edgequant.awq import _first, candidate_scale, chunk_subset, scaled_error
 from edgequant.calibrate import capture_block_inputs
 from edgequant.config import CalibConfig, QuantConfig
 from edgequant.io import atomic_write_text
@@ -33,6 +35,23 @@ from edgequant.zoo import load
 
 RESULTS = Path(__file__).parent / "results" / "awq_objective.json"
 CHUNK = 4  # samples per forward, as the search runs them
+
+
+def coarse_pick(vals: list[float], step: int) -> int:
+    """The grid index a coarse-to-fine search would pick on the curve `vals`: every step-th
+    point and the last, then the step halved (rounding up) around the best point so far
+    until it is 1; ties to the smaller index. On a unimodal curve, the whole grid's pick."""
+    n, seen = len(vals), set()
+
+    def best() -> int:
+        return min(sorted(seen), key=vals.__getitem__)
+
+    seen.update([*range(0, n, step), n - 1])
+    while step > 1:
+        step = (step + 1) // 2
+        b = best()
+        seen.update(i for i in (b - step, b + step) if 0 <= i < n)
+    return best()
 
 
 def group_curves(block, group, hidden, kwargs, qcfg, n_grid, subsets) -> dict[str, list]:
@@ -90,7 +109,7 @@ def measure(name: str, qcfg: QuantConfig, n_samples: int, ks: list[int], coarse:
             row = {"block": i, "group": g.name}
             for obj, vals in curves.items():
                 for label, step in {obj: 1, f"{obj}-coarse{coarse}": coarse}.items():
-                    j = grid_argmin(n_grid, step, vals.__getitem__)[0]
+                    j = coarse_pick(vals, step)
                     row[label] = {"alpha": j / n_grid, "regret": paper[j] / min(paper) - 1}
             row["curves"] = curves
             rows.append(row)
@@ -111,7 +130,7 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=16, help="calibration samples (512 tokens)")
     p.add_argument("--module-samples", default="4,8", help="k for the module-k objectives")
     p.add_argument("--coarse-step", type=int, default=4, help="also each objective's pick "
-                   "when it scores the grid coarse to fine (AWQConfig.coarse_step)")  # fmt: skip
+                   "when it scores the grid coarse to fine")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     ks = [int(k) for k in a.module_samples.split(",")]

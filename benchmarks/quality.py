@@ -63,9 +63,6 @@ METHODS = {
     "awq-sens": ("awq", AWQConfig(sensitivity_samples=8), None),
     # the fast search scoring q/k/v and gate/up by the module loss on 4 calibration samples
     "awq-ls4": ("awq", AWQConfig(loss_samples=4), None),
-    # the same, alpha scored coarse to fine (10 of the 20 grid points); and on 8 samples
-    "awq-ls4-c4": ("awq", AWQConfig(loss_samples=4, coarse_step=4), None),
-    "awq-ls8-c4": ("awq", AWQConfig(loss_samples=8, coarse_step=4), None),
     # the same two searches with the block forward in float32 matmuls (bf16_matmul=False)
     "awq-fp32": ("awq", AWQConfig(bf16_matmul=False), None),
     "awq-ls4-fp32": ("awq", AWQConfig(loss_samples=4, bf16_matmul=False), None),
@@ -76,8 +73,6 @@ EXACT_OF = {
     "awq-qkskip": "awq-exact-qkskip",
     "awq-sens": "awq-exact",
     "awq-ls4": "awq-exact",
-    "awq-ls4-c4": "awq-exact",
-    "awq-ls8-c4": "awq-exact",
     "awq-fp32": "awq-exact",
     "awq-ls4-fp32": "awq-exact",
 }

@@ -1,15 +1,13 @@
 """Wall time of the quantize command, end to end, as a user runs it.
 
     python benchmarks/quantize_time.py [--method awq|gptq|...] [--runs 2] [--loss-samples N]
-        [--coarse-step K]
 
 Runs `edgequant quantize smollm2-135m --method METHOD --w-bits 4 --group-size 64`
 (calibration 128 x 512 pydocs tokens) in a fresh process per run and writes the median
 under the method's key in benchmarks/results/quantize_time.json (issue #2's target is AWQ,
 issue #5's GPTQ; both under 3 minutes). The model must already be in the cache (one
 `edgequant eval smollm2-135m` converts it), so the time is load + calibration + search.
---loss-samples N times the AWQ search with `--loss-samples N`, saved under "METHOD-lsN";
---coarse-step K with `--coarse-step K`, under "METHOD-cK" (both: "METHOD-lsN-cK").
+--loss-samples N times the AWQ search with `--loss-samples N`, saved under "METHOD-lsN".
 """
 
 from __future__ import annotations
@@ -35,20 +33,16 @@ def main() -> None:
     p.add_argument("--method", default="awq", choices=("rtn", "awq", "gptq", "awq+gptq"))
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--loss-samples", type=int, default=0, help="pass --loss-samples N (AWQ)")
-    p.add_argument("--coarse-step", type=int, default=0, help="pass --coarse-step K (AWQ)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/quantize_time.json")
     args = p.parse_args()
-    if (args.loss_samples or args.coarse_step) and args.method != "awq":
-        p.error("--loss-samples and --coarse-step apply to --method awq")
+    if args.loss_samples and args.method != "awq":
+        p.error("--loss-samples applies to --method awq")
     exe = Path(sys.executable).with_name("edgequant")
     command = [*COMMAND, args.method]
     label = args.method
     if args.loss_samples:
         command += ["--loss-samples", str(args.loss_samples)]
-        label += f"-ls{args.loss_samples}"
-    if args.coarse_step:
-        command += ["--coarse-step", str(args.coarse_step)]
-        label += f"-c{args.coarse_step}"
+        label = f"{args.method}-ls{args.loss_samples}"
     walls, reported = [], []
     for k in range(args.runs):
         t0 = time.perf_counter()

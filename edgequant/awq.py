@@ -111,35 +111,6 @@ def pool_channels(v: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
     return total / torch.bincount(idx, minlength=n).clamp(min=1).to(v.dtype)
 
 
-def grid_argmin(n: int, step: int, score: Callable[[int], float]) -> tuple[int, float]:
-    """(i, score(i)) with the smallest score over i = 0..n-1, ties to the smaller i; score
-    returns inf for a point it cannot score.
-
-    step > 1 scores every step-th point and the last first, then halves the step (rounding
-    up) around the best point scored so far until it is 1: for n = 20 and step 4, 10 points,
-    and the whole grid's pick on a unimodal score. step 0 or 1 scores every point.
-    """
-    scored: dict[int, float] = {}
-
-    def visit(i: int) -> None:
-        if i not in scored and 0 <= i < n:
-            scored[i] = score(i)
-
-    def best() -> int:
-        return min(sorted(scored), key=scored.__getitem__)
-
-    step = max(step, 1)
-    for i in [*range(0, n, step), n - 1]:
-        visit(i)
-    while step > 1:  # the best point's scored neighbours stay within `step` of it
-        step = (step + 1) // 2
-        b = best()
-        visit(b - step)
-        visit(b + step)
-    b = best()
-    return b, scored[b]
-
-
 def search_scale(
     x_mean: torch.Tensor,
     w_mean: torch.Tensor | None,
@@ -148,19 +119,17 @@ def search_scale(
 ) -> tuple[torch.Tensor | None, float]:
     """Grid over alpha = i / n_grid; returns (best s or None if no finite loss, best loss).
 
-    x_mean, w_mean [C] (w_mean None: no duo scaling); loss takes a candidate s [C]. The whole
-    grid is scored, or a coarse-to-fine part of it (acfg.coarse_step, see grid_argmin).
+    x_mean, w_mean [C] (w_mean None: no duo scaling); loss takes a candidate s [C].
     """
-
-    def score(i: int) -> float:
+    best, best_loss = None, math.inf
+    for i in range(acfg.n_grid):
         s = candidate_scale(x_mean, w_mean, i / acfg.n_grid)
-        val = loss(s) if torch.isfinite(s).all() else math.inf
-        return val if math.isfinite(val) else math.inf
-
-    i, val = grid_argmin(acfg.n_grid, acfg.coarse_step, score)
-    if val == math.inf:
-        return None, math.inf
-    return candidate_scale(x_mean, w_mean, i / acfg.n_grid), val
+        if not torch.isfinite(s).all():
+            continue
+        val = loss(s)
+        if math.isfinite(val) and val < best_loss:
+            best, best_loss = s, val
+    return best, best_loss
 
 
 def chunk_subset(n_chunks: int, chunk: int, samples: int) -> list[int]:

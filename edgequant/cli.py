@@ -54,14 +54,6 @@ def _add_quantize(sub) -> None:
         help="AWQ fast search: score q/k/v and gate/up by the inspected module's output on N "
         "calibration samples instead of the Gram form (0, default)",
     )
-    p.add_argument(
-        "--coarse-step",
-        type=int,
-        default=0,
-        metavar="K",
-        help="AWQ fast search: score every K-th alpha, then halve the step around the best "
-        "(0, default: the whole grid)",
-    )
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H)")
     p.add_argument(
         "--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of mean diag"
@@ -186,7 +178,6 @@ def cmd_quantize(a) -> dict:
         clip_form=a.clip_form,
         clip_all=a.clip_all,
         loss_samples=a.loss_samples,
-        coarse_step=a.coarse_step,
     )
     ccfg = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
     from edgequant.formats import check_format, default_format

@@ -67,9 +67,6 @@ class AWQConfig:
     # row's output y, estimated with random probes on this many samples. Off by default:
     # W3 within 1% of the exact search on SmolLM2 with 8, but +13% on Gemma 3 (quality.md)
     sensitivity_samples: int = 0
-    # fast search: > 1 scores every coarse_step-th alpha, then halves the step around the
-    # best (10 of the 20 points for 4); 0 or 1 scores the whole grid, as the paper does
-    coarse_step: int = 0
     bf16_matmul: bool = True  # fast search only: block forwards as bf16 matmuls, fp32 accumulate
     clip: bool = True
     clip_form: str = "asym"
@@ -90,16 +87,13 @@ class AWQConfig:
             raise EdgequantError("grid sizes must be positive")
         if not 0.0 <= self.clip_max_shrink < 1.0:
             raise EdgequantError(f"clip max shrink must be in [0, 1), got {self.clip_max_shrink}")
-        if min(self.loss_samples, self.sensitivity_samples, self.coarse_step) < 0:
-            raise EdgequantError("loss_samples, sensitivity_samples, coarse_step must be >= 0")
+        if self.loss_samples < 0 or self.sensitivity_samples < 0:
+            raise EdgequantError("loss_samples and sensitivity_samples must be >= 0")
         if self.search == "exact" and (self.loss_samples or self.sensitivity_samples):
             raise EdgequantError(
                 "loss_samples and sensitivity_samples shape the fast search; the exact search "
                 "scores every sample"
             )
-        if self.search == "exact" and self.coarse_step > 1:
-            raise EdgequantError("coarse_step shapes the fast search; the exact search scores "
-                                 "every grid point")  # fmt: skip
         if self.loss_samples > 0 and self.sensitivity_samples > 0:
             raise EdgequantError(
                 "sensitivity_samples weights the Gram form, which loss_samples replaces; "

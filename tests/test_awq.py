@@ -268,39 +268,3 @@ def test_sample_counts_are_fast_search_options():
         AWQConfig(search="exact", loss_samples=4)
     with pytest.raises(EdgequantError, match="must be >= 0"):
         AWQConfig(sensitivity_samples=-1)
-    with pytest.raises(EdgequantError, match="must be >= 0"):
-        AWQConfig(coarse_step=-1)
-    with pytest.raises(EdgequantError, match="the exact search scores every grid point"):
-        AWQConfig(search="exact", coarse_step=4)
-
-
-def alpha_of(s: torch.Tensor) -> float:
-    # s = [e^(-a/2), e^(a/2)] for x_mean [1, e] (normalised so that max * min = 1)
-    return 2 * math.log(s[1].item())
-
-
-@pytest.mark.parametrize("step", [2, 3, 4, 5])
-def test_coarse_grid_finds_the_minimum_of_a_unimodal_loss_with_fewer_points(step):
-    x_mean, n = torch.tensor([1.0, math.e]), 20
-    most = math.ceil(n / step) + 1 + 2 * math.ceil(math.log2(step))  # coarse pass + 2 a level
-    for m in range(n):
-        for offset in (-0.4, 0.0, 0.4):  # the loss's minimum, in grid steps from point m
-            calls = []
-
-            def loss(s, target=(m + offset) / n, calls=calls):
-                calls.append(alpha_of(s))
-                return (alpha_of(s) - target) ** 2
-
-            s, _ = search_scale(x_mean, None, loss, AWQConfig(coarse_step=step))
-            assert round(alpha_of(s) * n) == m
-            assert len(set(calls)) == len(calls) <= most
-
-
-def test_coarse_grid_keeps_the_whole_grid_rules():
-    x_mean = torch.tensor([1.0, math.e])
-    flat = search_scale(x_mean, None, lambda s: 1.0, AWQConfig(coarse_step=4))[0]
-    assert alpha_of(flat) == 0.0  # ties go to the smallest alpha, as on the whole grid
-    whole = search_scale(x_mean, None, lambda s: (alpha_of(s) - 0.33) ** 2, AWQConfig())
-    assert round(alpha_of(whole[0]) * 20) == 7
-    none = search_scale(x_mean, None, lambda s: math.nan, AWQConfig(coarse_step=4))
-    assert none == (None, math.inf)

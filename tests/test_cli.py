@@ -203,9 +203,8 @@ def test_loss_samples_reaches_the_search_and_bad_values_are_refused(
 
     search, model = tmp_path / "s.safetensors", tiny_dir()
     args = quantize_args(model, tmp_path / "q", calib_file, "--save-search", search)
-    assert main([str(a) for a in [*args, "--loss-samples", "2", "--coarse-step", "4"]]) == 0
+    assert main([str(a) for a in [*args, "--loss-samples", "2"]]) == 0
     assert Recipe.load(search).awq.loss_samples == 2
-    assert Recipe.load(search).awq.coarse_step == 4
     bad = quantize_args(model, tmp_path / "r", calib_file, "--loss-samples", "-1")
     code, err = run(capsys, *bad)
     assert code == 2 and "must be >= 0" in err[-1] and not (tmp_path / "r").exists()
