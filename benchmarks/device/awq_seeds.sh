@@ -1,10 +1,11 @@
 # Device side, after `source benchmarks/device/unpack_full.sh` (or its SmolLM2 half): the
-# paper-exact AWQ search and the fast variants at W3 over AWQ search seeds, searched and
-# evaluated on the GPU (rows say so). One AWQ search's perplexity moves by a few percent with
+# paper-exact AWQ search and the fast variants (W3 unless BITS) over AWQ search seeds,
+# searched and evaluated on the GPU (rows say so). One AWQ search's perplexity moves by a few percent with
 # the tokens it samples (quality.md), so issue #2's fast-vs-exact bar is judged on means
 # over seeds, all measured on one machine.
 #
 #   bash benchmarks/device/awq_seeds.sh start MODEL   # detached runs, one per method set
+#       (env: SETS="awq-exact awq,awq-ls4" method sets, SEEDS=0,1,2, BITS=3; e.g. BITS=4)
 #   bash benchmarks/device/awq_seeds.sh wait SECONDS  # until all end or SECONDS pass;
 #                                                     # merged rows -> $OUT/quality_gpu.json
 #
@@ -20,9 +21,9 @@ start)
     # convert once, then share
     python3 -c "from edgequant.zoo import load; load('$model')" || exit 1
     for methods in ${SETS:-fp,rtn,awq-exact awq,awq-ls4 awq-fp32,awq-ls4-fp32}; do
-        tag="$model-${methods//,/_}"
+        tag="$model-w${BITS:-3}-${methods//,/_}"
         OMP_NUM_THREADS=3 setsid nohup python3 benchmarks/quality.py --device cuda \
-            --models "$model" --bits 3 --methods "$methods" --seeds "${SEEDS:-0,1,2}" \
+            --models "$model" --bits "${BITS:-3}" --methods "$methods" --seeds "${SEEDS:-0,1,2}" \
             --out "$dir/$tag.json" >"$dir/$tag.log" 2>&1 </dev/null &
         echo $! >>"$dir/pids"
     done
