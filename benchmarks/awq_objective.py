@@ -40,7 +40,8 @@ CHUNK = 4  # samples per forward, as the search runs them
 def coarse_pick(vals: list[float], step: int) -> int:
     """The grid index a coarse-to-fine search would pick on the curve `vals`: every step-th
     point and the last, then the step halved (rounding up) around the best point so far
-    until it is 1; ties to the smaller index. On a unimodal curve, the whole grid's pick."""
+    until it is 1; ties to the smaller index. On a strictly unimodal curve, the whole grid's
+    pick."""
     n, seen = len(vals), set()
 
     def best() -> int:
@@ -134,6 +135,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args()
     ks = [int(k) for k in a.module_samples.split(",")]
+    if a.coarse_step < 1:
+        p.error("--coarse-step: 1 or more (1 scores the whole grid)")
     if a.n_samples % CHUNK or any(k % CHUNK for k in ks):
         p.error(f"--n-samples, --module-samples: multiples of {CHUNK} (whole chunks)")
     rows = measure(a.model, QuantConfig(a.bits, a.group), a.n_samples, ks, a.coarse_step)
@@ -151,13 +154,13 @@ def main() -> None:
                 / len(regrets),
             }
     print(
-        f"\n{'objective':12s} {'group':8s} {'mean regret':>12s} {'max regret':>11s} "
+        f"\n{'objective':17s} {'group':8s} {'mean regret':>12s} {'max regret':>11s} "
         f"{'same alpha':>10s}"
     )
     for k, v in summary.items():
         o, g = k.split("|")
         print(
-            f"{o:12s} {g:8s} {v['mean_regret']:12.2%} {v['max_regret']:11.2%} "
+            f"{o:17s} {g:8s} {v['mean_regret']:12.2%} {v['max_regret']:11.2%} "
             f"{v['same_alpha']:10.0%}"
         )
     results = json.loads(a.out.read_text()) if a.out.is_file() else {"runs": {}}

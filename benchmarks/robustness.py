@@ -9,8 +9,9 @@ and on Austen's novels other than Pride and Prejudice, each evaluated on held-ou
 perplexity when calibrated on the other text minus its perplexity when calibrated on the
 evaluated one. size: pydocs calibration with 8, 16, 32, 64 and 128 blocks.
 Rows merge into benchmarks/results/robustness.json; robustness.md states the result. A
-calibration run whose rows are in the JSON already is skipped: an interrupted study resumes,
-and the size study reuses the distribution study's 128-block pydocs run.
+calibration run whose rows are in the JSON already (same --max-windows) is skipped unless
+--redo: an interrupted study resumes, and the size study reuses the distribution study's
+128-block pydocs run.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def penalties(rows: list[dict]) -> list[dict]:
             same = {k: r[k] for k in ("model", "bits", "method", "eval")}
             out.append(same | {"matched": r["ppl"], "mismatched": mism, "penalty": mism - r["ppl"]})
     return out
+
+
+def measured(rows: dict, base: dict) -> bool:
+    """Whether both evaluations of the calibration run `base` are in `rows`, on as many
+    windows (rows from before the field was recorded ran with the default, 8)."""
+    got = [rows.get(key(base | {"eval": t})) for t in TEXTS]
+    return all(r is not None and r.get("max_windows", 8) == base["max_windows"] for r in got)
 
 
 def render(results: dict) -> str:
@@ -115,6 +123,7 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "robustness.json")
+    p.add_argument("--redo", action="store_true", help="re-measure runs already in --out")
     a = p.parse_args()
     results = json.loads(a.out.read_text()) if a.out.is_file() else {"rows": {}}
     runs = []  # (calib source, n_samples)
@@ -130,17 +139,17 @@ def main() -> None:
             for label in a.methods.split(","):
                 method, acfg, gcfg = METHODS[label]
                 for calib, n in runs:
-                    done = {"model": name, "bits": bits, "method": label, "calib": calib}
-                    done |= {"n_samples": n}
-                    if all(key(done | {"eval": t}) in results["rows"] for t in TEXTS):
-                        continue  # measured already (a resumed or overlapping study)
+                    base = {"model": name, "bits": bits, "method": label, "calib": calib,
+                            "n_samples": n, "max_windows": a.max_windows}  # fmt: skip
+                    if measured(results["rows"], base) and not a.redo:
+                        print(f"skip {key(base | {'eval': '*'})}: in {a.out}", flush=True)
+                        continue
                     model, _ = load(name, a.device)
                     cfg = CalibConfig(source=calib, n_samples=n)
                     quantize_model(model, tok, method, quant=q, awq=acfg, calib=cfg, gptq=gcfg)
                     for t in TEXTS:
                         res = perplexity(model, tok, ids[t], 2048, a.max_windows, progress=False)
-                        row = {"model": name, "bits": bits, "method": label, "calib": calib,
-                               "n_samples": n, "eval": t, "ppl": res.ppl}  # fmt: skip
+                        row = base | {"eval": t, "ppl": res.ppl}
                         results["rows"][key(row)] = row
                         save(a.out, results)
                         print(f"{key(row)}: {res.ppl:.3f}", flush=True)

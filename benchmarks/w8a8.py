@@ -29,6 +29,7 @@ import torch
 from edgequant.api import quantize_static
 from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
 from edgequant.data import calibration_ids, evaluation_ids, get_source
+from edgequant.errors import EdgequantError
 from edgequant.evaluate import perplexity
 from edgequant.io import atomic_write_text
 from edgequant.mobilequant import LEGACY, apply_trained
@@ -58,18 +59,28 @@ def mobilequant_label(mcfg: MobileQuantConfig) -> str:
 
 def mobilequant_knobs(text: str) -> MobileQuantConfig:
     """Parse "lr_clip=0.03,epochs=4" into a MobileQuantConfig ("" gives the defaults)."""
-    parse = {"int": int, "float": float, "bool": lambda v: v == "true"}
-    types = {f.name: parse[f.type] for f in fields(MobileQuantConfig)}
+    parse = {"int": int, "float": float, "bool": {"true": True, "false": False}.__getitem__}
+    types = {f.name: f.type for f in fields(MobileQuantConfig)}  # annotations as strings
     knobs = {}
     for item in filter(None, text.split(",")):
         name, _, value = item.partition("=")
-        if name not in types or not value:
-            raise argparse.ArgumentTypeError(f"{item!r}: want NAME=VALUE, NAME in {list(types)}")
-        knobs[name] = types[name](value)
-    return MobileQuantConfig(**knobs)
+        if types.get(name) not in parse or not value or name in knobs:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: want NAME=VALUE once per NAME, NAME in {list(types)}"
+            )
+        try:
+            knobs[name] = parse[types[name]](value.lower())
+        except (KeyError, ValueError):
+            raise argparse.ArgumentTypeError(f"{item!r}: not of type {types[name]}") from None
+    try:
+        return MobileQuantConfig(**knobs)
+    except EdgequantError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def mobilequant_row(model, tok, cfg: StaticConfig, calib, where: Path | None, mcfg):
+def mobilequant_row(
+    model, tok, cfg: StaticConfig, calib: CalibConfig, where: Path | None, mcfg: MobileQuantConfig
+):
     """SmoothQuant, then MobileQuant training here with `mcfg`, or re-applied from `where`
     (trained elsewhere, any knobs: smoothquant.safetensors + mobilequant.pt + run.json).
     Returns (label, seconds, info)."""
@@ -284,6 +295,12 @@ def main() -> None:
     args.methods, args.configs = args.methods.split(","), args.configs.split(",")
     if args.load_trained and (len(args.configs) != 1 or "," in args.models):
         p.error("--load-trained needs one model and one config")
+    if args.knobs != MobileQuantConfig() and (
+        args.load_trained or "mobilequant" not in args.methods
+    ):
+        p.error(
+            "--knobs trains MobileQuant here: it needs --methods mobilequant, no --load-trained"
+        )
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
     args.commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True

@@ -23,9 +23,22 @@ def test_knobs_set_the_config_and_name_the_row():
     assert mcfg.lr_scale == MobileQuantConfig().lr_scale
     assert w8a8.mobilequant_label(mcfg) == "mobilequant epochs=4 lr_clip=0.03 windows=all"
     assert w8a8.mobilequant_label(w8a8.mobilequant_knobs("")) == "mobilequant"
+    per_tensor = w8a8.mobilequant_knobs("clip_per_channel=False")
+    assert per_tensor.clip_per_channel is False
+    assert w8a8.mobilequant_knobs("clip_per_channel=true").clip_per_channel is True
 
 
-@pytest.mark.parametrize("text", ["lr=0.1", "epochs", "epochs=x"])
-def test_a_bad_knob_is_refused(text):
-    with pytest.raises((argparse.ArgumentTypeError, ValueError)):
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("lr=0.1", "want NAME=VALUE"),
+        ("epochs", "want NAME=VALUE"),
+        ("epochs=2,epochs=4", "once per NAME"),
+        ("epochs=x", "not of type int"),
+        ("clip_per_channel=1", "not of type bool"),
+        ("epochs=0", "must be positive"),
+    ],
+)
+def test_a_bad_knob_is_refused_with_a_reason(text, says):
+    with pytest.raises(argparse.ArgumentTypeError, match=says):
         w8a8.mobilequant_knobs(text)
