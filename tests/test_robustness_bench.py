@@ -25,3 +25,16 @@ def test_a_run_is_measured_only_with_both_texts_on_as_many_windows():
     assert not robustness.measured(rows("pydocs", max_windows=8), base)  # interrupted
     assert not robustness.measured(rows("pydocs", "austen", max_windows=4), base)
     assert not robustness.measured(rows("pydocs", "austen"), base | {"n_samples": 16})
+
+
+def test_the_size_table_states_what_a_smaller_calibration_set_costs():
+    runs = {}
+    for n, ppl in ((8, 12.5), (128, 10.0)):
+        runs |= rows("pydocs", "austen", n_samples=n, max_windows=8)
+        for r in list(runs.values())[-2:]:
+            r["ppl"] = ppl
+    out = "\n".join(robustness.render_sizes(list(runs.values())))
+    assert "- m W3 awq: 8 blocks instead of 128 cost +2.50 / +2.50 perplexity" in out
+    assert "| m | W3 | awq | 8 | 12.500 | +2.500 | 12.500 | +2.500 |" in out
+    only_full = rows("pydocs", "austen", n_samples=128, max_windows=8)
+    assert robustness.render_sizes(list(only_full.values())) == []  # no size study yet
