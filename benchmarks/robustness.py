@@ -106,6 +106,7 @@ def render_sizes(rows: list[dict]) -> list[str]:
         if r["calib"] == "pydocs":
             runs = got.setdefault((r["model"], r["bits"], r["method"]), {})
             runs.setdefault(r["n_samples"], {})[r["eval"]] = r["ppl"]
+    full = {k: runs.get(128, {}) for k, runs in got.items()}
     got = {k: runs for k, runs in sorted(got.items()) if any(n != 128 for n in runs)}
     if not got:
         return []
@@ -118,6 +119,14 @@ def render_sizes(rows: list[dict]) -> list[str]:
             deltas = " / ".join(f"{runs[small][t] - runs[128][t]:+.2f}" for t in TEXTS)
             lines.append(f"- {m} W{b} {meth}: {small} blocks instead of 128 cost {deltas} "
                          f"perplexity ({' / '.join(TEXTS)}).")  # fmt: skip
+    for m, b in sorted({(m, b) for m, b, _ in got}):
+        awq, gptq = got.get((m, b, "awq"), {}), full.get((m, b, "gptq"), {})
+        few = awq.get(min(awq, default=128), {})
+        if min(awq, default=128) < 128 and all(t in few and t in gptq for t in TEXTS):
+            word = "below" if all(few[t] < gptq[t] for t in TEXTS) else "not below"
+            vals = " / ".join(f"{few[t]:.2f} vs {gptq[t]:.2f}" for t in TEXTS)
+            lines.append(f"- {m} W{b}: AWQ on {min(awq)} blocks is {word} GPTQ on 128 "
+                         f"({vals}).")  # fmt: skip
     lines += ["", "| model | bits | method | blocks | " + " | ".join(
         f"ppl {t} | delta vs 128" for t in TEXTS) + " |", "|---" * 8 + "|"]  # fmt: skip
     for (m, b, meth), runs in got.items():

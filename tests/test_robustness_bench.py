@@ -33,7 +33,9 @@ def test_the_size_table_states_what_a_smaller_calibration_set_costs():
         runs |= rows("pydocs", "austen", n_samples=n, max_windows=8)
         for r in list(runs.values())[-2:]:
             r["ppl"] = ppl
-    out = "\n".join(robustness.render_sizes(list(runs.values())))
+    gptq = rows("pydocs", "austen", n_samples=128, max_windows=8, method="gptq", ppl=20.0)
+    out = "\n".join(robustness.render_sizes(list((runs | gptq).values())))
+    assert "- m W3: AWQ on 8 blocks is below GPTQ on 128 (12.50 vs 20.00 / 12.50 vs 20.00)" in out
     assert "- m W3 awq: 8 blocks instead of 128 cost +2.50 / +2.50 perplexity" in out
     assert "| m | W3 | awq | 8 | 12.500 | +2.500 | 12.500 | +2.500 |" in out
     only_full = rows("pydocs", "austen", n_samples=128, max_windows=8)
