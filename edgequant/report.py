@@ -173,17 +173,24 @@ def _w8a8(data: dict, plt):
 def _robustness(data: dict, plt):
     rows = [r for r in _rows(data) if r.get("n_samples", 128) == 128]  # the distribution study
     panels = sorted({(r["model"], r["method"], r["bits"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
-    for ax, (model, method, bits) in zip(axes[0], panels, strict=True):
+    ncols = min(len(panels), 4)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (model, method, bits) in zip(axes.flat, panels, strict=False):  # spare axes off
         sel = [r for r in rows if (r["model"], r["method"], r["bits"]) == (model, method, bits)]
         calibs, evals = sorted({r["calib"] for r in sel}), sorted({r["eval"] for r in sel})
         grid = [[math.nan] * len(evals) for _ in calibs]
         for r in sel:
             grid[calibs.index(r["calib"])][evals.index(r["eval"])] = r["ppl"]
         im = ax.imshow(grid, cmap="viridis")
+        lo, hi = im.get_clim()
         for a, row in enumerate(grid):
             for b, v in enumerate(row):
-                ax.text(b, a, f"{v:.1f}", ha="center", va="center", color="white", fontsize=8)
+                light = hi > lo and (v - lo) / (hi - lo) > 0.6  # viridis turns yellow
+                color = "black" if light else "white"
+                ax.text(b, a, f"{v:.1f}", ha="center", va="center", color=color, fontsize=9)
         ax.set_xticks(range(len(evals)), evals)
         ax.set_yticks(range(len(calibs)), calibs)
         ax.set_xlabel("evaluated on")
