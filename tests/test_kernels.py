@@ -125,6 +125,15 @@ def test_engine_int8_rows_match_float_math(ext):
         assert (y - ref).norm() <= 1e-4 * ref.norm() + 1e-12
 
 
+def test_int4_kernel_takes_a_strided_bf16_input():
+    # a bf16 slice (e.g. the last position of a prompt) reaches the fused op without a copy
+    cfg = QuantConfig(4, 32)
+    fast = cpu.fast_linear(*codes_for(64, 192, cfg), cfg)
+    x = torch.randn(2, 5, 192).bfloat16()[:, -1]
+    assert not x.is_contiguous()
+    assert torch.equal(fast(x), fast(x.contiguous()))
+
+
 def test_larger_groups_repeat_their_scale():
     cfg = QuantConfig(4, 96)  # 96 = 3 x 32: the op runs at group 32
     codes, scale, zero = codes_for(64, 192, cfg)

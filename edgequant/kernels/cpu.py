@@ -103,7 +103,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N] in x.dtype
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if x2.shape[0] < PREFILL_ROWS:
+        if x2.shape[0] < PREFILL_ROWS:  # the fused op refuses strided rows (a sliced bf16 x)
+            x2 = x2.contiguous()
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.sz)
         else:
             y = F.linear(x2, self.dequantized())
