@@ -1,8 +1,8 @@
 # Device side, after `source benchmarks/device/unpack_full.sh` (or its SmolLM2 half): the
 # paper-exact AWQ search and the fast variants (W3 unless BITS) over AWQ search seeds,
-# searched and evaluated on the GPU (rows say so). One AWQ search's perplexity moves by a few percent with
-# the tokens it samples (quality.md), so issue #2's fast-vs-exact bar is judged on means
-# over seeds, all measured on one machine.
+# searched and evaluated on the GPU (rows say so). One AWQ search's perplexity moves by a
+# few percent with the tokens it samples (quality.md), so issue #2's fast-vs-exact bar is
+# judged on means over seeds, all measured on one machine.
 #
 #   bash benchmarks/device/awq_seeds.sh start MODEL   # detached runs, one per method set
 #       (env: SETS="awq-exact awq,awq-ls4" method sets, SEEDS=0,1,2, BITS=3; e.g. BITS=4)
