@@ -5,11 +5,15 @@
 # judged on means over seeds, all measured on one machine.
 #
 #   bash benchmarks/device/awq_seeds.sh start MODEL   # detached runs, one per method set
-#       (env: SETS="awq-exact awq,awq-ls4" method sets, SEEDS=0,1,2, BITS=3; e.g. BITS=4)
+#       (env: SETS="awq-exact awq,awq-ls4" method sets, SEEDS=0,1,2, BITS=3; e.g. BITS=4;
+#        WAYS=2 splits each set's seeds over 2 processes)
 #   bash benchmarks/device/awq_seeds.sh wait SECONDS  # until all end or SECONDS pass;
 #                                                     # merged rows -> $OUT/quality_gpu.json
 #
 # The runs share the GPU, so their search times say little; the perplexities are what count.
+# Measured on an H100 with 6 such processes at once (W4, both models): one paper-exact search
+# takes 60-80 s (SmolLM2) or about 60 s (Gemma), a fast one 5-15 s, and each row's evaluation
+# 10-40 s more; the model parts arrive in 6 calls (pack_full.sh), about 2 min in all.
 # Here, merge $OUT/quality_gpu.json into benchmarks/results/quality_gpu.json (quality.save
 # re-renders its .md, whose checks compare only rows of that file).
 set -u
@@ -20,12 +24,19 @@ start)
     model=$2
     # convert once, then share
     python3 -c "from edgequant.zoo import load; load('$model')" || exit 1
+    IFS=, read -ra seeds <<<"${SEEDS:-0,1,2}"
+    ways=${WAYS:-1}
     for methods in ${SETS:-fp,rtn,awq-exact awq,awq-ls4 awq-fp32,awq-ls4-fp32}; do
-        tag="$model-w${BITS:-3}-${methods//,/_}"
-        OMP_NUM_THREADS=3 setsid nohup python3 benchmarks/quality.py --device cuda \
-            --models "$model" --bits "${BITS:-3}" --methods "$methods" --seeds "${SEEDS:-0,1,2}" \
-            --out "$dir/$tag.json" >"$dir/$tag.log" 2>&1 </dev/null &
-        echo $! >>"$dir/pids"
+        for ((w = 0; w < ways; w++)); do  # seeds w, w + WAYS, ... in one process
+            part=$(for ((i = w; i < ${#seeds[@]}; i += ways)); do echo "${seeds[i]}"; done)
+            part=$(paste -sd, <<<"$part")
+            [ -n "$part" ] || continue
+            tag="$model-w${BITS:-3}-${methods//,/_}-s${part//,/_}"
+            OMP_NUM_THREADS=3 setsid nohup python3 benchmarks/quality.py --device cuda \
+                --models "$model" --bits "${BITS:-3}" --methods "$methods" --seeds "$part" \
+                --out "$dir/$tag.json" >"$dir/$tag.log" 2>&1 </dev/null &
+            echo $! >>"$dir/pids"
+        done
     done
     ;;
 wait)
