@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+from provenance import measured_on, stamp
 from quality import METHODS
 
 from edgequant.api import quantize_model
@@ -61,6 +62,7 @@ def render(results: dict) -> str:
             f"| {r['model']} | W{r['bits']} g{r['group_size']} | {r['text']} | {r['method']} "
             f"| {f['kl']:.4f} | {f['top1']:.2%} | {f['ppl_ratio']:.3f} | {r['quant_seconds']} |"
         )
+    out += ["", "## Measured on", "", *measured_on(rows)]
     return "\n".join(out) + "\n"
 
 
@@ -99,7 +101,7 @@ def main() -> None:
                     f = fidelity(model, ref, tok, ids[t], 2048, a.max_windows, progress=False)
                     row = {"model": name, "bits": bits, "group_size": GROUPS[name],
                            "method": label, "text": t, "quant_seconds": seconds,
-                           "fidelity": f.to_dict()}  # fmt: skip
+                           "fidelity": f.to_dict()} | stamp()  # fmt: skip
                     results["rows"][key(row)] = row
                     save(a.out, results)
                     print(f"{key(row)}: KL {f.kl:.4f} top-1 {f.top1:.2%} ppl x{f.ppl_ratio:.3f}")

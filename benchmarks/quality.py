@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from provenance import commit, machine
 
 from edgequant.api import quantize_model
 from edgequant.awq import device_name
@@ -352,15 +350,8 @@ def main() -> None:
     if args.load_search and not one:
         p.error("--load-search needs one model, one --bits, one method and one seed")
     results = load_results(args.out)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    results["machine"] = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; rows carry the "
-        "commit they were measured at where recorded"
-    )
-    args.commit = commit
+    results["machine"] = machine() + "; rows carry the commit they were measured at where recorded"
+    args.commit = commit()
     results["protocol"] = (
         f"Perplexity: first {args.max_windows} non-overlapping 2048-token windows of each text "
         "(austen = Pride and Prejudice; pydocs = held-out reference/ and faq/), BOS prefix "

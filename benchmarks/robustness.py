@@ -20,6 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
+from provenance import measured_on, stamp
 from quality import METHODS
 
 from edgequant.api import quantize_model
@@ -96,6 +97,7 @@ def render(results: dict) -> str:
             f"| {p['mismatched']:.3f} | {p['penalty']:+.3f} |"
         )
     lines += render_sizes(rows)
+    lines += ["", "## Measured on", "", *measured_on(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +182,7 @@ def main() -> None:
                     quantize_model(model, tok, method, quant=q, awq=acfg, calib=cfg, gptq=gcfg)
                     for t in TEXTS:
                         res = perplexity(model, tok, ids[t], 2048, a.max_windows, progress=False)
-                        row = base | {"eval": t, "ppl": res.ppl}
+                        row = base | {"eval": t, "ppl": res.ppl} | stamp()
                         results["rows"][key(row)] = row
                         save(a.out, results)
                         print(f"{key(row)}: {res.ppl:.3f}", flush=True)

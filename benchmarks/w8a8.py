@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import fields
 from pathlib import Path
 
-import torch
+from provenance import commit, machine
 
 from edgequant.api import quantize_static
 from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
@@ -302,13 +299,8 @@ def main() -> None:
             "--knobs trains MobileQuant here: it needs --methods mobilequant, no --load-trained"
         )
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
-    args.commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    results["machine"] = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
+    args.commit = commit()
+    results["machine"] = machine()
     results["protocol"] = (
         f"Perplexity: first {args.max_windows} non-overlapping 2048-token windows of each text "
         "(austen = Pride and Prejudice; pydocs = held-out reference/ and faq/). Calibration and "
