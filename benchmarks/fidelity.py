@@ -84,6 +84,7 @@ def main() -> None:
     results = json.loads(a.out.read_text()) if a.out.is_file() else {"rows": {}}
     texts = a.texts.split(",")
     results["max_windows"] = a.max_windows
+    where = stamp(a.device)
     for name in a.models.split(","):
         ref, tok = load(name, a.device)
         ids = {t: evaluation_ids(tok, get_source(t)) for t in texts}
@@ -101,7 +102,7 @@ def main() -> None:
                     f = fidelity(model, ref, tok, ids[t], 2048, a.max_windows, progress=False)
                     row = {"model": name, "bits": bits, "group_size": GROUPS[name],
                            "method": label, "text": t, "quant_seconds": seconds,
-                           "fidelity": f.to_dict()} | stamp()  # fmt: skip
+                           "fidelity": f.to_dict()} | where  # fmt: skip
                     results["rows"][key(row)] = row
                     save(a.out, results)
                     print(f"{key(row)}: KL {f.kl:.4f} top-1 {f.top1:.2%} ppl x{f.ppl_ratio:.3f}")

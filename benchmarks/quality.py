@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from provenance import commit, machine
+from provenance import measured_on, stamp
 
 from edgequant.api import quantize_model
 from edgequant.awq import device_name
@@ -113,7 +113,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
         }
         if seed:
             row["seed"] = seed
-        row["commit"] = args.commit
+        row |= args.stamp
         if args.device and args.device != "cpu":
             row["evaluated_on"] = device_name(torch.device(args.device))
         if blocks:  # the AWQ search's per-block output error, RTN vs AWQ
@@ -183,7 +183,9 @@ def mean_ppl(rows: list[dict], text: str) -> float | None:
 
 def fast_vs_exact(fast: list[dict], exact: list[dict], text: str) -> tuple[float, float | None]:
     """fast / exact - 1 on the mean perplexities over AWQ search seeds, and its standard
-    error (delta method for a ratio of independent means; None while a side has one seed)."""
+    error (delta method for a ratio of independent means; None while a side has one seed).
+    Fast and exact runs of one seed draw from equally seeded generators, so they are not
+    strictly independent, but their per-seed differences vary as much as unpaired ones."""
     f, e = [ppl(x, text) for x in fast], [ppl(x, text) for x in exact]
     mf, me = statistics.fmean(f), statistics.fmean(e)
     if len(f) < 2 or len(e) < 2:
@@ -308,7 +310,7 @@ def render(results: dict) -> str:
     out += ["", "## Checks", ""]
     word = {True: "PASS", False: "FAIL", None: "MISSING", "info": "INFO"}
     out += [f"- {word[ok]}: {text}" for text, ok in checks + int2_checks]
-    out += ["", f"Machine: {results.get('machine', '')}", ""]
+    out += ["", "## Measured on", "", *measured_on(rows.values()), ""]
     return "\n".join(out)
 
 
@@ -350,8 +352,8 @@ def main() -> None:
     if args.load_search and not one:
         p.error("--load-search needs one model, one --bits, one method and one seed")
     results = load_results(args.out)
-    results["machine"] = machine() + "; rows carry the commit they were measured at where recorded"
-    args.commit = commit()
+    args.stamp = stamp(args.device)
+    results["machine"] = args.stamp["machine"] + "; rows carry their machine and commit"
     results["protocol"] = (
         f"Perplexity: first {args.max_windows} non-overlapping 2048-token windows of each text "
         "(austen = Pride and Prejudice; pydocs = held-out reference/ and faq/), BOS prefix "

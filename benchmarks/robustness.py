@@ -159,6 +159,7 @@ def main() -> None:
     p.add_argument("--redo", action="store_true", help="re-measure runs already in --out")
     a = p.parse_args()
     results = json.loads(a.out.read_text()) if a.out.is_file() else {"rows": {}}
+    where = stamp(a.device)
     runs = []  # (calib source, n_samples)
     if a.study in ("distribution", "both"):
         runs += [(t, 128) for t in TEXTS]
@@ -182,7 +183,7 @@ def main() -> None:
                     quantize_model(model, tok, method, quant=q, awq=acfg, calib=cfg, gptq=gcfg)
                     for t in TEXTS:
                         res = perplexity(model, tok, ids[t], 2048, a.max_windows, progress=False)
-                        row = base | {"eval": t, "ppl": res.ppl} | stamp()
+                        row = base | {"eval": t, "ppl": res.ppl} | where
                         results["rows"][key(row)] = row
                         save(a.out, results)
                         print(f"{key(row)}: {res.ppl:.3f}", flush=True)

@@ -21,7 +21,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from provenance import commit, machine
+from provenance import measured_on, stamp
 
 from edgequant.api import quantize_static
 from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
@@ -105,7 +105,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     def record(model, config, method, seconds, trained_on=None):
         ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
         row = {"model": name, "config": config, "method": method, "seconds": round(seconds, 1)}
-        row |= {"ppl": ppl, "commit": args.commit}
+        row |= {"ppl": ppl} | args.stamp
         if trained_on:
             row["trained_on"] = trained_on
         results["rows"][key(row)] = row
@@ -258,7 +258,8 @@ def render(results: dict) -> str:
         )
     word = {True: "PASS", False: "FAIL", None: "MISSING", "info": "INFO"}
     lines += ["", "## Checks", "", *(f"- {word[ok]}: {t}" for t, ok in checks(rows))]
-    lines += ["", f"Machine: {results.get('machine', '')}", ""]
+    lines += ["", "## Measured on", "", *measured_on(rows.values())]
+    lines += ["", f"Machine of the last run: {results.get('machine', '')}", ""]
     return "\n".join(lines)
 
 
@@ -299,8 +300,8 @@ def main() -> None:
             "--knobs trains MobileQuant here: it needs --methods mobilequant, no --load-trained"
         )
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
-    args.commit = commit()
-    results["machine"] = machine()
+    args.stamp = stamp(args.device)
+    results["machine"] = args.stamp["machine"]
     results["protocol"] = (
         f"Perplexity: first {args.max_windows} non-overlapping 2048-token windows of each text "
         "(austen = Pride and Prejudice; pydocs = held-out reference/ and faq/). Calibration and "

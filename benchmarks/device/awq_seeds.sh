@@ -26,14 +26,17 @@ start)
     python3 -c "from edgequant.zoo import load; load('$model')" || exit 1
     IFS=, read -ra seeds <<<"${SEEDS:-0,1,2}"
     ways=${WAYS:-1}
+    [[ $ways =~ ^[1-9][0-9]*$ ]] || { echo "WAYS must be a whole number >= 1" >&2; exit 2; }
     for methods in ${SETS:-fp,rtn,awq-exact awq,awq-ls4 awq-fp32,awq-ls4-fp32}; do
         for ((w = 0; w < ways; w++)); do  # seeds w, w + WAYS, ... in one process
             part=$(for ((i = w; i < ${#seeds[@]}; i += ways)); do echo "${seeds[i]}"; done)
             part=$(paste -sd, <<<"$part")
-            [ -n "$part" ] || continue
-            tag="$model-w${BITS:-3}-${methods//,/_}-s${part//,/_}"
+            m=$methods  # fp has no seed: the first process alone evaluates it
+            ((w == 0)) || m=$(tr , '\n' <<<"$methods" | grep -vx fp | paste -sd,)
+            [ -n "$part" ] && [ -n "$m" ] || continue
+            tag="$model-w${BITS:-3}-${m//,/_}-s${part//,/_}"
             OMP_NUM_THREADS=3 setsid nohup python3 benchmarks/quality.py --device cuda \
-                --models "$model" --bits "${BITS:-3}" --methods "$methods" --seeds "$part" \
+                --models "$model" --bits "${BITS:-3}" --methods "$m" --seeds "$part" \
                 --out "$dir/$tag.json" >"$dir/$tag.log" 2>&1 </dev/null &
             echo $! >>"$dir/pids"
         done
