@@ -75,6 +75,13 @@ def measured_on(rows) -> list[str]:
     """Markdown lines: how many of `rows` (dicts) each machine and commit measured."""
     count: dict[str, int] = {}
     for r in rows:
-        where = f"{r['machine']} at {r.get('commit', '?')}" if "machine" in r else "not recorded"
+        if "machine" in r:
+            where = f"{r['machine']} at {r.get('commit', '?')}"
+        elif "evaluated_on" in r:  # older GPU rows of quality.py: the GPU, not its host
+            where = f"{r['evaluated_on']} (host not recorded) at {r.get('commit', '?')}"
+        elif "commit" in r:
+            where = f"machine not recorded, at {r['commit']}"
+        else:
+            where = "not recorded"
         count[where] = count.get(where, 0) + 1
     return [f"- {where}: {n} row{'s' * (n != 1)}" for where, n in sorted(count.items())]

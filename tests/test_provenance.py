@@ -31,9 +31,12 @@ def test_flags_are_the_first_processors_and_name_the_bf16_path():
 
 def test_rows_are_counted_per_machine_and_commit():
     rows = [{"machine": "a", "commit": "1"}] * 2 + [{"ppl": 1.0}, {"machine": "b", "commit": "1"}]
+    rows += [{"evaluated_on": "GPU", "commit": "2"}, {"commit": "3"}]
     assert provenance.measured_on(rows) == [
+        "- GPU (host not recorded) at 2: 1 row",
         "- a at 1: 2 rows",
         "- b at 1: 1 row",
+        "- machine not recorded, at 3: 1 row",
         "- not recorded: 1 row",
     ]
 
