@@ -1,11 +1,14 @@
 """benchmarks/quality.py's checks: the fast-vs-exact gap over several AWQ search seeds."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location(
-    "quality", Path(__file__).parent.parent / "benchmarks" / "quality.py"
-)
+import pytest
+
+bench = Path(__file__).parent.parent / "benchmarks"
+sys.path.insert(0, str(bench))  # quality.py imports provenance.py beside it
+spec = importlib.util.spec_from_file_location("quality", bench / "quality.py")
 quality = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(quality)
 
@@ -37,6 +40,25 @@ def test_fast_vs_exact_compares_the_means_over_seeds():
     assert "fast seeds 0,1: 9.800-10.300, exact seed 0: 10.000" in line
     # the other checks still judge the seed-0 row alone
     assert "AWQ 10.300 < RTN 30.000" in two
+
+
+def test_the_gap_is_the_ratio_of_means_and_its_error_the_delta_method():
+    fast = [row("awq", p, seed=s) for s, p in enumerate([20.0, 22.0, 21.0])]
+    exact = [row("awq-exact", p, seed=s) for s, p in enumerate([20.0, 20.5])]
+    gap, se = quality.fast_vs_exact(fast, exact, "austen")
+    assert gap == pytest.approx(21.0 / 20.25 - 1)
+    # variances of the means 1/3 and 0.125/2: sqrt(1/3 + (21/20.25)^2 / 16) / 20.25
+    assert se == pytest.approx(0.031254, rel=1e-4)
+    assert quality.fast_vs_exact(fast[:1], exact, "austen")[1] is None  # one seed: no error
+
+
+def test_the_check_states_the_error_and_names_the_seeds_in_order():
+    fast = [row("awq", p, seed=s, bits=4) for s, p in [(2, 20.3), (0, 20.0), (1, 20.1)]]
+    exact = [row("awq-exact", p, seed=s, bits=4) for s, p in [(1, 20.2), (0, 20.0)]]
+    text = rendered(row("rtn", 30.0, bits=4), *fast, *exact)
+    line = next(x for x in text.splitlines() if "awq fast" in x and "austen" in x)
+    assert line.startswith("- PASS: W4 g64 m austen: awq fast 20.133 vs exact 20.100 (+0.17% ± ")
+    assert "fast seeds 0,1,2: 20.000-20.300, exact seeds 0,1: 20.000-20.200" in line
 
 
 def single_w2() -> list[dict]:

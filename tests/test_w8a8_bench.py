@@ -9,9 +9,9 @@ import pytest
 
 from edgequant.config import MobileQuantConfig
 
-spec = importlib.util.spec_from_file_location(
-    "w8a8", Path(__file__).parent.parent / "benchmarks" / "w8a8.py"
-)
+bench = Path(__file__).parent.parent / "benchmarks"
+sys.path.insert(0, str(bench))  # w8a8.py imports provenance.py beside it
+spec = importlib.util.spec_from_file_location("w8a8", bench / "w8a8.py")
 w8a8 = importlib.util.module_from_spec(spec)
 sys.modules["w8a8"] = w8a8
 spec.loader.exec_module(w8a8)
