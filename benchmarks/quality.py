@@ -113,9 +113,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
         }
         if seed:
             row["seed"] = seed
-        row |= args.stamp
-        if args.device and args.device != "cpu":
-            row["evaluated_on"] = device_name(torch.device(args.device))
+        row |= args.stamp  # commit and machine (with its GPU where --device names one)
         if blocks:  # the AWQ search's per-block output error, RTN vs AWQ
             row["blocks"] = blocks
         if searched_on:  # the search ran elsewhere (--load-search, --device): where, how long
@@ -353,7 +351,7 @@ def main() -> None:
         p.error("--load-search needs one model, one --bits, one method and one seed")
     results = load_results(args.out)
     args.stamp = stamp(args.device)
-    results["machine"] = args.stamp["machine"] + "; rows carry their machine and commit"
+    results.pop("machine", None)  # older files: one line for all rows; rows now carry their own
     results["protocol"] = (
         f"Perplexity: first {args.max_windows} non-overlapping 2048-token windows of each text "
         "(austen = Pride and Prejudice; pydocs = held-out reference/ and faq/), BOS prefix "
