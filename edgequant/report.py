@@ -201,12 +201,47 @@ def _robustness(data: dict, plt):
     return fig
 
 
+def _robustness_size(data: dict, plt):
+    rows = [r for r in _rows(data) if r["calib"] == "pydocs"]
+    studied = {(r["model"], r["bits"]) for r in rows if r.get("n_samples", 128) != 128}
+    panels = sorted(
+        {(r["model"], r["bits"], r["eval"]) for r in rows if (r["model"], r["bits"]) in studied}
+    )
+    if not panels:
+        return None
+    ncols = min(len(panels), 4)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (model, bits, text) in zip(axes.flat, panels, strict=False):
+        sel = [r for r in rows if (r["model"], r["bits"], r["eval"]) == (model, bits, text)]
+        for method in sorted({r["method"] for r in sel}):
+            pts = sorted((r.get("n_samples", 128), r["ppl"]) for r in sel if r["method"] == method)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        ax.set_xscale("log", base=2)
+        sizes = sorted({r.get("n_samples", 128) for r in sel})
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("calibration blocks (x 512 tokens)")
+        ax.set_ylabel(f"perplexity ({text})")
+        ax.set_title(f"{model} W{bits}, evaluated on {text}", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES: dict[str, tuple[str, str, Callable]] = {  # id -> (input kind, caption, drawer)
     "perplexity-vs-bits": ("quality", "Perplexity vs weight bits, per method", _perplexity_vs_bits),
     "awq-block-error": ("quality", "Per-block output error removed by the AWQ search", _awq_blocks),
     "speed": ("speed", "Decode speed per runtime (2 threads)", _speed),
     "fidelity": ("fidelity", "KL divergence from the float model", _fidelity),
     "robustness": ("robustness", "Perplexity by calibration and evaluation text", _robustness),
+    "robustness-size": (
+        "robustness",
+        "Perplexity vs calibration-set size (pydocs calibration)",
+        _robustness_size,
+    ),
     "w8a8": ("w8a8", "Integer-only W8A8 / W4A8 perplexity, best run per method", _w8a8),
 }
 

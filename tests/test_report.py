@@ -26,6 +26,9 @@ def synthetic(tmp_path) -> list[Path]:
     rob = {"rows": [{"model": "m", "method": m, "bits": 3, "calib": c, "eval": e, "ppl": 20.0 + i}
                     for i, (m, c, e) in enumerate((m, c, e) for m in ("awq", "gptq")
                     for c in ("pydocs", "austen") for e in ("pydocs", "austen"))]}  # fmt: skip
+    rob["rows"] += [{"model": "m", "method": m, "bits": 3, "calib": "pydocs", "n_samples": n,
+                     "eval": e, "ppl": 30.0 - n / 8} for m in ("awq", "gptq") for n in (8, 16)
+                    for e in ("pydocs", "austen")]  # fmt: skip
     gen = {"generations": [{"prompt": "Once <upon>", "outputs": {"fp": "a", "awq": "b & c"}}]}
     paths = []
     for name, data in (("fidelity", fid), ("robustness", rob), ("generations", gen)):
@@ -37,7 +40,9 @@ def synthetic(tmp_path) -> list[Path]:
 def test_report_draws_every_figure(tmp_path):
     inputs = [RESULTS / "quality.json", RESULTS / "speed.json", *synthetic(tmp_path)]
     drawn = write_report(inputs, tmp_path / "r.html")
-    assert set(drawn) >= {"perplexity-vs-bits", "speed", "fidelity", "robustness", "generations"}
+    assert set(drawn) >= {
+        "perplexity-vs-bits", "speed", "fidelity", "robustness", "robustness-size", "generations"
+    }  # fmt: skip
     page = (tmp_path / "r.html").read_text()
     for fid in drawn:
         assert f'id="{fid}"' in page
@@ -56,6 +61,7 @@ def test_report_draws_every_figure_from_the_committed_results(tmp_path):
         "speed",
         "fidelity",
         "robustness",
+        "robustness-size",
         "w8a8",
         "generations",
     }
@@ -65,6 +71,18 @@ def test_report_names_what_it_could_not_draw(tmp_path):
     drawn = write_report([RESULTS / "speed.json"], tmp_path / "r.html")
     assert drawn == ["speed"]
     assert "needs quality results" in (tmp_path / "r.html").read_text()
+
+
+def test_size_figure_needs_a_size_study(tmp_path):
+    rob = {"rows": [{"model": "m", "method": "awq", "bits": 3, "calib": "pydocs", "eval": "austen",
+                     "ppl": 20.0}]}  # fmt: skip
+    (tmp_path / "robustness.json").write_text(json.dumps(rob))
+    drawn = write_report([tmp_path / "robustness.json"], tmp_path / "r.html")
+    assert drawn == ["robustness"]
+    assert (
+        "calibration-set size (pydocs calibration) (the robustness results hold no data"
+        in (tmp_path / "r.html").read_text()
+    )
 
 
 def test_report_rejects_unknown_json(tmp_path, capsys):
