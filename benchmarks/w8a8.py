@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
 
+import torch
 from provenance import measured_on, stamp
 
 from edgequant.api import quantize_static
@@ -80,11 +82,15 @@ def mobilequant_row(
 ):
     """SmoothQuant, then MobileQuant training here with `mcfg`, or re-applied from `where`
     (trained elsewhere, any knobs: smoothquant.safetensors + mobilequant.pt + run.json).
-    Returns (label, seconds, info)."""
+    Returns (label, seconds, fields for the row: the loss per step, or where it trained)."""
     if where is None:
-        t0 = time.perf_counter()
-        quantize_static(model, tok, "mobilequant", cfg, calib, mcfg)
-        return mobilequant_label(mcfg), time.perf_counter() - t0, None
+        with tempfile.TemporaryDirectory() as tmp:
+            state = Path(tmp) / "mobilequant.pt"
+            t0 = time.perf_counter()
+            quantize_static(model, tok, "mobilequant", cfg, calib, mcfg, state_path=state)
+            seconds = time.perf_counter() - t0
+            losses = torch.load(state, weights_only=True)["losses"]
+        return mobilequant_label(mcfg), seconds, {"losses": [round(x, 6) for x in losses]}
     run = json.loads((where / "run.json").read_text())
     if run["static"] != cfg.__dict__:
         raise SystemExit(f"{where} was trained with another static config: {run['static']}")
@@ -94,7 +100,7 @@ def mobilequant_row(
     info = {"device": run["device"], "torch": run["torch"], "mobilequant": run["mobilequant"]}
     if run.get("sharing", 1) > 1:  # trainings that ran side by side on one GPU
         info["sharing"] = run["sharing"]
-    return mobilequant_label(mcfg), run["seconds"], info
+    return mobilequant_label(mcfg), run["seconds"], {"trained_on": info}
 
 
 def run_model(name: str, args, results: dict, path: Path) -> None:
@@ -102,12 +108,10 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     ids = {t: evaluation_ids(tok, get_source(t)) for t in TEXTS}
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
 
-    def record(model, config, method, seconds, trained_on=None):
+    def record(model, config, method, seconds, extra=None):
         ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
         row = {"model": name, "config": config, "method": method, "seconds": round(seconds, 1)}
-        row |= {"ppl": ppl} | args.stamp
-        if trained_on:
-            row["trained_on"] = trained_on
+        row |= {"ppl": ppl} | args.stamp | (extra or {})
         results["rows"][key(row)] = row
         save(path, results)
         print(f"{key(row)}: " + ", ".join(f"{t} {p['ppl']:.3f}" for t, p in ppl.items()))
@@ -122,8 +126,8 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             model, tok = load(name, args.device)
             if method == "mobilequant":
                 where, mcfg = args.load_trained, args.knobs
-                label, seconds, info = mobilequant_row(model, tok, cfg, calib, where, mcfg)
-                record(model, config, label, seconds, info)
+                label, seconds, extra = mobilequant_row(model, tok, cfg, calib, where, mcfg)
+                record(model, config, label, seconds, extra)
                 continue
             t0 = time.perf_counter()
             quantize_static(model, tok, method, cfg, calib)
@@ -226,6 +230,23 @@ def cpu_budget(rows: dict) -> tuple[str, bool | None]:
     return f"{what}: {r['seconds'] / 60:.1f} min (under 30 min)", r["seconds"] < 1800
 
 
+def training_losses(rows: dict) -> list[str]:
+    """Lines on the loss of the MobileQuant runs trained by this script (rows with losses)."""
+    runs = [r for r in rows.values() if r.get("losses")]
+    if not runs:
+        return []
+    lines = ["", "## MobileQuant training loss", ""]
+    lines += ["MSE of the last hidden state against the float model's; each step on its own batch."]
+    lines += [""]
+    for r in sorted(runs, key=key):
+        loss = r["losses"]
+        lines.append(
+            f"- {r['model']} {r['config']} {r['method']}: first step {loss[0]:.4g}, "
+            f"last step {loss[-1]:.4g}, lowest {min(loss):.4g} ({len(loss)} steps)"
+        )
+    return lines
+
+
 def render(results: dict) -> str:
     rows = results["rows"]
     order = ["fp", *METHODS]
@@ -248,6 +269,7 @@ def render(results: dict) -> str:
         secs = f"{r['seconds']}" + (f" ({where})" if where else "")
         cells = " | ".join(f"{ppl(r, t):.3f}" for t in TEXTS)
         lines.append(f"| {r['model']} | {r['config']} | {r['method']} | {cells} | {secs} |")
+    lines += training_losses(rows)
     lines += ["", "## One decoder block in ONNX Runtime (CPU provider), int8 QDQ vs fp32", ""]
     lines += ["| model | tokens | threads | int8 (ms) | fp32 (ms) | fp32 / int8 |"]
     lines += ["|---|---|---|---|---|---|"]

@@ -42,3 +42,22 @@ def test_knobs_set_the_config_and_name_the_row():
 def test_a_bad_knob_is_refused_with_a_reason(text, says):
     with pytest.raises(argparse.ArgumentTypeError, match=says):
         w8a8.mobilequant_knobs(text)
+
+
+def test_a_run_trained_here_records_its_loss_per_step(tokenizer, calib_file):
+    from conftest import FACTORIES
+
+    from edgequant.config import CalibConfig, StaticConfig
+
+    calib = CalibConfig(source=str(calib_file), n_samples=8, seqlen=32)
+    mcfg = MobileQuantConfig(epochs=2, batch=4, windows=0)
+    model = FACTORIES["llama"]()
+    label, seconds, extra = w8a8.mobilequant_row(
+        model, tokenizer, StaticConfig(), calib, None, mcfg
+    )
+    assert label == "mobilequant windows=all" and seconds > 0
+    losses = extra["losses"]
+    assert len(losses) == 4 and all(x > 0 for x in losses)  # 8 windows / 4 per step, 2 epochs
+    row = {"model": "m", "config": "w8a8", "method": label, "losses": losses}
+    (line,) = [x for x in w8a8.training_losses({"k": row}) if x.startswith("- m w8a8")]
+    assert f"first step {losses[0]:.4g}" in line and "(4 steps)" in line
