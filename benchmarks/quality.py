@@ -66,6 +66,12 @@ METHODS = {
     # the same two searches with the block forward in float32 matmuls (bf16_matmul=False)
     "awq-fp32": ("awq", AWQConfig(bf16_matmul=False), None),
     "awq-ls4-fp32": ("awq", AWQConfig(loss_samples=4, bf16_matmul=False), None),
+    # clip search on 8192 sampled tokens instead of the published 512 (its Gram form makes
+    # the token count cost nothing per grid point): does a W3 search still move by several
+    # percent with its seed when the clip sees 16x the tokens?
+    "awq-ct8k": ("awq", AWQConfig(clip_tokens=8192), None),
+    "awq-ls4-ct8k": ("awq", AWQConfig(loss_samples=4, clip_tokens=8192), None),
+    "awq-exact-ct8k": ("awq", AWQConfig(search="exact", clip_tokens=8192), None),
 }
 # fast-search rows -> the paper-exact row they are compared with
 EXACT_OF = {
@@ -75,6 +81,8 @@ EXACT_OF = {
     "awq-ls4": "awq-exact",
     "awq-fp32": "awq-exact",
     "awq-ls4-fp32": "awq-exact",
+    "awq-ct8k": "awq-exact-ct8k",
+    "awq-ls4-ct8k": "awq-exact-ct8k",
 }
 # INT2 table: each single method (GPTQ in both column orders) against AWQ+GPTQ (either)
 INT2_SINGLE = ("rtn", "gptq", "gptq-act", "awq")

@@ -91,3 +91,11 @@ def test_int2_counts_each_method_with_its_better_column_order():
     # a single method never measured (here GPTQ in either order) cannot pass
     no_gptq = [r for r in w2 if r["method"] != "gptq"] + [row("awq+gptq", 10.0, bits=2)]
     assert int2_checks(*no_gptq)[0].startswith("- FAIL:")
+
+
+@pytest.mark.parametrize("fast", sorted(quality.EXACT_OF))
+def test_each_fast_row_is_compared_with_an_exact_search_that_clips_alike(fast):
+    exact = quality.EXACT_OF[fast]
+    (_, f, _), (_, e, _) = quality.METHODS[fast], quality.METHODS[exact]
+    assert f.search == "fast" and e.search == "exact"
+    assert (f.clip_tokens, f.clip_all, f.clip_form) == (e.clip_tokens, e.clip_all, e.clip_form)
