@@ -89,8 +89,11 @@ def mobilequant_row(
             t0 = time.perf_counter()
             quantize_static(model, tok, "mobilequant", cfg, calib, mcfg, state_path=state)
             seconds = time.perf_counter() - t0
-            losses = torch.load(state, weights_only=True)["losses"]
-        return mobilequant_label(mcfg), seconds, {"losses": [round(x, 6) for x in losses]}
+            saved = torch.load(state, weights_only=True)
+        extra = {"losses": [round(x, 6) for x in saved["losses"]]}
+        if "heldout" in saved:  # the loss on calibration windows left out of training
+            extra["heldout"] = saved["heldout"]
+        return mobilequant_label(mcfg), seconds, extra
     run = json.loads((where / "run.json").read_text())
     if run["static"] != cfg.__dict__:
         raise SystemExit(f"{where} was trained with another static config: {run['static']}")
@@ -230,6 +233,15 @@ def cpu_budget(rows: dict) -> tuple[str, bool | None]:
     return f"{what}: {r['seconds'] / 60:.1f} min (under 30 min)", r["seconds"] < 1800
 
 
+def heldout_note(held: dict | None) -> str:
+    if not held:
+        return ""
+    return (
+        f"; on {held['windows']} calibration windows not trained on "
+        f"{held['start']:.4g} before, {held['end']:.4g} after"
+    )
+
+
 def training_losses(rows: dict) -> list[str]:
     """Lines on the loss of the MobileQuant runs trained by this script (rows with losses)."""
     runs = [r for r in rows.values() if r.get("losses")]
@@ -243,6 +255,7 @@ def training_losses(rows: dict) -> list[str]:
         lines.append(
             f"- {r['model']} {r['config']} {r['method']}: first step {loss[0]:.4g}, "
             f"last step {loss[-1]:.4g}, lowest {min(loss):.4g} ({len(loss)} steps)"
+            + heldout_note(r.get("heldout"))
         )
     return lines
 

@@ -186,6 +186,41 @@ def training_windows(input_ids: torch.Tensor, windows: int) -> torch.Tensor:
     return input_ids[[k * n // windows for k in range(windows)]]
 
 
+def heldout_windows(input_ids: torch.Tensor, windows: int, count: int = 8) -> torch.Tensor:
+    # input_ids [N, T] -> [<= count, T]: evenly spaced windows that training_windows leaves
+    # out ([0, T] when training takes every window)
+    n = len(input_ids)
+    if windows <= 0 or windows >= n:
+        return input_ids[:0]
+    used = {k * n // windows for k in range(windows)}
+    rest = [i for i in range(n) if i not in used]
+    m = min(count, len(rest))
+    return input_ids[[rest[k * len(rest) // m] for k in range(m)]]
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, targets, batch: int) -> float:
+    # ids [N, T], targets [N, T, H] -> the training loss (MSE of the last hidden state) over N
+    total = 0.0
+    for k in range(0, len(ids), batch):
+        out = last_hidden(model, spec, ids[k : k + batch])
+        total += F.mse_loss(out, targets[k : k + batch], reduction="sum").item()
+    return total / targets.numel()
+
+
+def _report_heldout(start: float, end: float, n: int, state_path) -> None:
+    """Say whether training lowered the loss on calibration windows it did not see."""
+    msg = f"mobilequant: loss on {n} calibration windows not trained on {start:.4g} -> {end:.4g}"
+    if end > start:
+        msg += (
+            ": training raised it; lower learning rates (--lr-scale/--lr-clip/--lr-range) may help"
+        )
+    tqdm.write(msg)
+    if state_path is not None:
+        state = torch.load(state_path, weights_only=True)
+        _save(state_path, {**state, "heldout": {"windows": n, "start": start, "end": end}})
+
+
 def _state(step, learn, qs, opt, sched, mcfg, losses) -> dict:
     return {
         "step": step,
@@ -240,8 +275,10 @@ def train(
     """Learn MobileQuant's parameters on calibration ids [N, T] (model already smoothed).
 
     Resumes from `state_path` when it exists (same configuration), saves there every
-    `save_every` steps; `max_steps` stops early (the state is saved). At the end the weights
-    are baked; returns the quantizers (ranges learned, quantizing) and the loss per step.
+    `save_every` steps; `max_steps` stops early (the state is saved). When training takes a
+    subset of the windows, up to 8 of the others check it: their loss before and after
+    training is reported (and saved in the state as "heldout"). At the end the weights are
+    baked; returns the quantizers (ranges learned, quantizing) and the loss per step.
     If training fails, the model is left as it came (float weights, no quantizers).
     """
     spec = arch_for(model)
@@ -251,12 +288,19 @@ def train(
         p.requires_grad_(False)
     train_ids = training_windows(input_ids, mcfg.windows)
     targets = float_targets(model, spec, train_ids, mcfg.batch)
+    held = heldout_windows(input_ids, mcfg.windows)
+    held_targets = float_targets(model, spec, held, mcfg.batch) if len(held) else None
     learn = attach(model, spec, scfg, mcfg)
     qs = Quantizers(model, scfg)
     try:
         with parametrize.cached():  # the weights do not change while ranges are observed
             observe_ranges(model, qs, input_ids, mcfg.batch)  # on every calibration window
+        if held_targets is not None:
+            start = mean_loss(model, spec, held, held_targets, mcfg.batch)
         losses = _fit(model, spec, train_ids, targets, learn, qs, mcfg, state_path, max_steps)
+        if held_targets is not None:
+            end = mean_loss(model, spec, held, held_targets, mcfg.batch)
+            _report_heldout(start, end, len(held), state_path)
     except BaseException:
         bake(model, keep=False)
         qs.remove()

@@ -111,6 +111,25 @@ def test_windows_trains_on_an_evenly_spaced_subset():
         MobileQuantConfig(windows=-1)
 
 
+def test_windows_left_out_of_training_check_it(tmp_path, capsys):
+    from edgequant.mobilequant import heldout_windows, mean_loss
+
+    ids = calib()
+    assert torch.equal(heldout_windows(ids, 4), ids[[1, 3, 5, 7]])
+    assert torch.equal(heldout_windows(ids, 4, count=2), ids[[1, 5]])
+    assert len(heldout_windows(ids, 0)) == 0 and len(heldout_windows(ids, 8)) == 0
+    model = smoothed("llama")
+    spec = arch_for(model)
+    assert mean_loss(model, spec, ids, float_targets(model, spec, ids, 4), 3) == 0.0
+    path = tmp_path / "mq.pt"
+    train(model, ids, SCFG, replace(MCFG, windows=4), state_path=path)
+    held = torch.load(path, weights_only=True)["heldout"]
+    assert held["windows"] == 4 and held["end"] < held["start"]
+    out = capsys.readouterr().out
+    assert f"loss on 4 calibration windows not trained on {held['start']:.4g} -> " in out
+    assert "raised it" not in out
+
+
 def test_a_state_saved_before_the_windows_knob_still_loads(tmp_path):
     path, every = tmp_path / "mq.pt", replace(MCFG, windows=0)
     qs, _ = train(smoothed("llama"), calib(), SCFG, every, state_path=path)
