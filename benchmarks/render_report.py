@@ -3,8 +3,9 @@
     python benchmarks/render_report.py [--out DIR]
 
 Writes DIR/report.html (edgequant report over every JSON in benchmarks/results/ it can
-plot) and DIR/report.png, a full-page screenshot, so the figures can be looked at as a
-reader sees them. Needs chromium on PATH (Debian: apt-get install chromium).
+plot) and DIR/report.png, a full-page screenshot (cropped below the page's end), so the
+figures can be looked at as a reader sees them. Needs chromium on PATH (Debian: apt-get
+install chromium).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import shutil
 import subprocess
 from pathlib import Path
+
+from PIL import Image, ImageOps
 
 from edgequant.errors import EdgequantError
 from edgequant.report import read_results, write_report
@@ -32,7 +35,8 @@ def plottable(folder: Path) -> list[Path]:
     return out
 
 
-def screenshot(page: Path, png: Path, width: int = 1400, height: int = 3000) -> None:
+def screenshot(page: Path, png: Path, width: int = 1400, height: int = 12000) -> None:
+    """A screenshot `height` pixels tall (taller than the page), cropped below its content."""
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         raise SystemExit("chromium not found (Debian: apt-get install chromium)")
@@ -40,6 +44,10 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 3000) -> 
     cmd = [exe, *flags, f"--window-size={width},{height}", f"--screenshot={png}"]
     cmd.append(page.resolve().as_uri())
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    with Image.open(png) as im:
+        box = ImageOps.invert(im.convert("RGB")).getbbox()  # None: an all-white page
+        page_png = im.crop((0, 0, width, min(height, box[3] + 40))) if box else im.copy()
+    page_png.save(png)
 
 
 def main() -> None:

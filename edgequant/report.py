@@ -175,7 +175,7 @@ def _robustness(data: dict, plt):
     panels = sorted({(r["model"], r["method"], r["bits"]) for r in rows})
     ncols = min(len(panels), 4)
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
     for ax, (model, method, bits) in zip(axes.flat, panels, strict=False):  # spare axes off
@@ -284,9 +284,8 @@ def render(results: dict[str, dict]) -> tuple[str, list[str]]:
             missing.append(f"{caption} (the {kind} results hold no data for it)")
             continue
         parts.append(
-            f'<figure id="{fid}"><img alt="{html.escape(caption)}" '
-            f'src="data:image/png;base64,{_png(fig)}"><figcaption>{html.escape(caption)}'
-            "</figcaption></figure>"
+            f'<figure id="{fid}"><figcaption>{html.escape(caption)}</figcaption>'
+            f'<img alt="{html.escape(caption)}" src="data:image/png;base64,{_png(fig)}"></figure>'
         )
         plt.close(fig)
         drawn.append(fid)
@@ -299,9 +298,10 @@ def render(results: dict[str, dict]) -> tuple[str, list[str]]:
         items = "".join(f"<li>{html.escape(m)}</li>" for m in missing)
         parts.append(f"<h2>Not shown</h2><ul>{items}</ul>")
     style = (
-        "body{font-family:sans-serif;max-width:1400px;margin:2em auto}img{max-width:100%}"
+        "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+        "img{max-width:100%}figure{margin:0 0 2em}"
         "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px;"
-        "vertical-align:top}figcaption{font-weight:bold;margin:.3em 0 1.5em}"
+        "vertical-align:top}figcaption{font-weight:bold;font-size:1.2em;margin:1em 0 .5em}"
     )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>edgequant report</title>"

@@ -105,3 +105,11 @@ def test_report_renders_in_headless_chromium(tmp_path):
     )
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
+    from PIL import Image
+
+    with Image.open(out / "report.png") as im:  # the whole page, down to the generations
+        assert 3000 < im.height < 12000
+        assert (
+            im.convert("L").crop((0, im.height - 60, im.width, im.height - 40)).getextrema()[0]
+            < 250
+        )
