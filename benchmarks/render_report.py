@@ -46,7 +46,10 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 12000) ->
     subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     with Image.open(png) as im:
         box = ImageOps.invert(im.convert("RGB")).getbbox()  # None: an all-white page
-        page_png = im.crop((0, 0, width, min(height, box[3] + 40))) if box else im.copy()
+        if box and box[3] >= im.height:
+            print(f"warning: the page runs past {im.height} px; the screenshot cuts it off")
+        bottom = min(im.height, box[3] + 40) if box else im.height
+        page_png = im.crop((0, 0, im.width, bottom))
     page_png.save(png)
 
 

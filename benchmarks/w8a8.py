@@ -77,6 +77,15 @@ def mobilequant_knobs(text: str) -> MobileQuantConfig:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def training_record(losses: list[float], state: dict) -> dict:
+    """Row fields of a training: the loss per step and, where training left calibration
+    windows out, their loss before and after (`calib_heldout`; not the evaluation texts)."""
+    rec = {"losses": [round(x, 6) for x in losses]} if losses else {}
+    if "heldout" in state:
+        rec["calib_heldout"] = state["heldout"]
+    return rec
+
+
 def mobilequant_row(
     model, tok, cfg: StaticConfig, calib: CalibConfig, where: Path | None, mcfg: MobileQuantConfig
 ):
@@ -90,10 +99,7 @@ def mobilequant_row(
             quantize_static(model, tok, "mobilequant", cfg, calib, mcfg, state_path=state)
             seconds = time.perf_counter() - t0
             saved = torch.load(state, weights_only=True)
-        extra = {"losses": [round(x, 6) for x in saved["losses"]]}
-        if "heldout" in saved:  # the loss on calibration windows left out of training
-            extra["heldout"] = saved["heldout"]
-        return mobilequant_label(mcfg), seconds, extra
+        return mobilequant_label(mcfg), seconds, training_record(saved["losses"], saved)
     run = json.loads((where / "run.json").read_text())
     if run["static"] != cfg.__dict__:
         raise SystemExit(f"{where} was trained with another static config: {run['static']}")
@@ -103,7 +109,9 @@ def mobilequant_row(
     info = {"device": run["device"], "torch": run["torch"], "mobilequant": run["mobilequant"]}
     if run.get("sharing", 1) > 1:  # trainings that ran side by side on one GPU
         info["sharing"] = run["sharing"]
-    return mobilequant_label(mcfg), run["seconds"], {"trained_on": info}
+    saved = torch.load(where / "mobilequant.pt", weights_only=True)
+    extra = training_record(run.get("losses", []), saved) | {"trained_on": info}
+    return mobilequant_label(mcfg), run["seconds"], extra
 
 
 def run_model(name: str, args, results: dict, path: Path) -> None:
@@ -255,7 +263,7 @@ def training_losses(rows: dict) -> list[str]:
         lines.append(
             f"- {r['model']} {r['config']} {r['method']}: first step {loss[0]:.4g}, "
             f"last step {loss[-1]:.4g}, lowest {min(loss):.4g} ({len(loss)} steps)"
-            + heldout_note(r.get("heldout"))
+            + heldout_note(r.get("calib_heldout"))
         )
     return lines
 

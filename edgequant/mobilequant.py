@@ -178,12 +178,17 @@ def float_targets(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch: in
     return torch.cat([last_hidden(model, spec, ids[k : k + batch]) for k in starts])
 
 
+def _spaced(n: int, k: int) -> list[int]:
+    # k evenly spaced indices of range(n) (k <= n)
+    return [i * n // k for i in range(k)]
+
+
 def training_windows(input_ids: torch.Tensor, windows: int) -> torch.Tensor:
     # input_ids [N, T] -> [min(windows, N), T], evenly spaced (windows 0: all N)
     n = len(input_ids)
     if windows <= 0 or windows >= n:
         return input_ids
-    return input_ids[[k * n // windows for k in range(windows)]]
+    return input_ids[_spaced(n, windows)]
 
 
 def heldout_windows(input_ids: torch.Tensor, windows: int, count: int = 8) -> torch.Tensor:
@@ -192,10 +197,9 @@ def heldout_windows(input_ids: torch.Tensor, windows: int, count: int = 8) -> to
     n = len(input_ids)
     if windows <= 0 or windows >= n:
         return input_ids[:0]
-    used = {k * n // windows for k in range(windows)}
+    used = set(_spaced(n, windows))
     rest = [i for i in range(n) if i not in used]
-    m = min(count, len(rest))
-    return input_ids[[rest[k * len(rest) // m] for k in range(m)]]
+    return input_ids[[rest[i] for i in _spaced(len(rest), min(count, len(rest)))]]
 
 
 @torch.no_grad()
@@ -208,17 +212,24 @@ def mean_loss(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, targets, batc
     return total / targets.numel()
 
 
-def _report_heldout(start: float, end: float, n: int, state_path) -> None:
-    """Say whether training lowered the loss on calibration windows it did not see."""
-    msg = f"mobilequant: loss on {n} calibration windows not trained on {start:.4g} -> {end:.4g}"
-    if end > start:
+def _report_heldout(held: dict, state_path) -> None:
+    """Say whether training lowered the loss on calibration windows it did not train on (and
+    add the check to a saved state)."""
+    steps = (
+        "" if held["steps"] == held["total"] else f" after {held['steps']} of {held['total']} steps"
+    )
+    msg = (
+        f"mobilequant: loss on {held['windows']} calibration windows not trained on "
+        f"{held['start']:.4g} -> {held['end']:.4g}{steps}"
+    )
+    if held["end"] > held["start"]:
         msg += (
             ": training raised it; lower learning rates (--lr-scale/--lr-clip/--lr-range) may help"
         )
     tqdm.write(msg)
-    if state_path is not None:
+    if state_path is not None and state_path.is_file():
         state = torch.load(state_path, weights_only=True)
-        _save(state_path, {**state, "heldout": {"windows": n, "start": start, "end": end}})
+        _save(state_path, {**state, "heldout": held})
 
 
 def _state(step, learn, qs, opt, sched, mcfg, losses) -> dict:
@@ -277,7 +288,8 @@ def train(
     Resumes from `state_path` when it exists (same configuration), saves there every
     `save_every` steps; `max_steps` stops early (the state is saved). When training takes a
     subset of the windows, up to 8 of the others check it: their loss before and after
-    training is reported (and saved in the state as "heldout"). At the end the weights are
+    training is reported (and added to a saved state as "heldout"). Their activations did
+    count towards the starting ranges, observed on every window. At the end the weights are
     baked; returns the quantizers (ranges learned, quantizing) and the loss per step.
     If training fails, the model is left as it came (float weights, no quantizers).
     """
@@ -288,25 +300,30 @@ def train(
         p.requires_grad_(False)
     train_ids = training_windows(input_ids, mcfg.windows)
     targets = float_targets(model, spec, train_ids, mcfg.batch)
-    held = heldout_windows(input_ids, mcfg.windows)
-    held_targets = float_targets(model, spec, held, mcfg.batch) if len(held) else None
+    held_ids = heldout_windows(input_ids, mcfg.windows)
+    held_targets = float_targets(model, spec, held_ids, mcfg.batch) if len(held_ids) else None
     learn = attach(model, spec, scfg, mcfg)
     qs = Quantizers(model, scfg)
+    held = None
     try:
         with parametrize.cached():  # the weights do not change while ranges are observed
             observe_ranges(model, qs, input_ids, mcfg.batch)  # on every calibration window
         if held_targets is not None:
-            start = mean_loss(model, spec, held, held_targets, mcfg.batch)
+            start = mean_loss(model, spec, held_ids, held_targets, mcfg.batch)
         losses = _fit(model, spec, train_ids, targets, learn, qs, mcfg, state_path, max_steps)
         if held_targets is not None:
-            end = mean_loss(model, spec, held, held_targets, mcfg.batch)
-            _report_heldout(start, end, len(held), state_path)
+            end = mean_loss(model, spec, held_ids, held_targets, mcfg.batch)
+            total = mcfg.epochs * math.ceil(len(train_ids) / mcfg.batch)
+            held = {"windows": len(held_ids), "start": start, "end": end}
+            held |= {"steps": len(losses), "total": total}
     except BaseException:
         bake(model, keep=False)
         qs.remove()
         raise
     with torch.no_grad():
         bake(model)
+    if held is not None:
+        _report_heldout(held, state_path)
     for q in qs.quant.values():
         q.lo.requires_grad_(False)
         q.hi.requires_grad_(False)

@@ -170,15 +170,24 @@ def _w8a8(data: dict, plt):
     return fig
 
 
-def _robustness(data: dict, plt):
-    rows = [r for r in _rows(data) if r.get("n_samples", 128) == 128]  # the distribution study
-    panels = sorted({(r["model"], r["method"], r["bits"]) for r in rows})
-    ncols = min(len(panels), 4)
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels) :]:
+FULL_CALIB = 128  # calibration blocks of the distribution study (size-study rows say fewer)
+
+
+def _panels(plt, n: int, width: float, height: float):
+    """A figure of n panels, at most 4 per row (spare axes off): (figure, the n axes)."""
+    ncols = min(n, 4)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
         ax.axis("off")
-    for ax, (model, method, bits) in zip(axes.flat, panels, strict=False):  # spare axes off
+    return fig, axes.flat[:n]
+
+
+def _robustness(data: dict, plt):
+    rows = [r for r in _rows(data) if r.get("n_samples", FULL_CALIB) == FULL_CALIB]
+    panels = sorted({(r["model"], r["method"], r["bits"]) for r in rows})
+    fig, axes = _panels(plt, len(panels), 4.4, 3.4)
+    for ax, (model, method, bits) in zip(axes, panels, strict=True):
         sel = [r for r in rows if (r["model"], r["method"], r["bits"]) == (model, method, bits)]
         calibs, evals = sorted({r["calib"] for r in sel}), sorted({r["eval"] for r in sel})
         grid = [[math.nan] * len(evals) for _ in calibs]
@@ -203,24 +212,23 @@ def _robustness(data: dict, plt):
 
 def _robustness_size(data: dict, plt):
     rows = [r for r in _rows(data) if r["calib"] == "pydocs"]
-    studied = {(r["model"], r["bits"]) for r in rows if r.get("n_samples", 128) != 128}
+    studied = {
+        (r["model"], r["bits"]) for r in rows if r.get("n_samples", FULL_CALIB) != FULL_CALIB
+    }
     panels = sorted(
         {(r["model"], r["bits"], r["eval"]) for r in rows if (r["model"], r["bits"]) in studied}
     )
     if not panels:
         return None
-    ncols = min(len(panels), 4)
-    nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 3.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(panels) :]:
-        ax.axis("off")
-    for ax, (model, bits, text) in zip(axes.flat, panels, strict=False):
+    fig, axes = _panels(plt, len(panels), 3.8, 3.2)
+    for ax, (model, bits, text) in zip(axes, panels, strict=True):
         sel = [r for r in rows if (r["model"], r["bits"], r["eval"]) == (model, bits, text)]
         for method in sorted({r["method"] for r in sel}):
-            pts = sorted((r.get("n_samples", 128), r["ppl"]) for r in sel if r["method"] == method)
+            pts = [(r.get("n_samples", FULL_CALIB), r["ppl"]) for r in sel if r["method"] == method]
+            pts.sort()
             ax.plot(*zip(*pts, strict=True), marker="o", label=method)
         ax.set_xscale("log", base=2)
-        sizes = sorted({r.get("n_samples", 128) for r in sel})
+        sizes = sorted({r.get("n_samples", FULL_CALIB) for r in sel})
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.minorticks_off()
         ax.set_xlabel("calibration blocks (x 512 tokens)")

@@ -111,6 +111,17 @@ def test_windows_trains_on_an_evenly_spaced_subset():
         MobileQuantConfig(windows=-1)
 
 
+@pytest.mark.parametrize(("n", "windows"), [(8, 4), (10, 3), (128, 32), (9, 8)])
+def test_windows_left_out_of_training_are_not_trained_on(n, windows):
+    from edgequant.mobilequant import heldout_windows, training_windows
+
+    ids = torch.arange(n)[:, None].expand(n, 2)
+    train_rows = set(training_windows(ids, windows)[:, 0].tolist())
+    held_rows = heldout_windows(ids, windows)[:, 0].tolist()
+    assert len(train_rows) == windows and len(held_rows) == min(8, n - windows)
+    assert len(set(held_rows)) == len(held_rows) and not train_rows & set(held_rows)
+
+
 def test_windows_left_out_of_training_check_it(tmp_path, capsys):
     from edgequant.mobilequant import heldout_windows, mean_loss
 
@@ -118,16 +129,25 @@ def test_windows_left_out_of_training_check_it(tmp_path, capsys):
     assert torch.equal(heldout_windows(ids, 4), ids[[1, 3, 5, 7]])
     assert torch.equal(heldout_windows(ids, 4, count=2), ids[[1, 5]])
     assert len(heldout_windows(ids, 0)) == 0 and len(heldout_windows(ids, 8)) == 0
-    model = smoothed("llama")
-    spec = arch_for(model)
-    assert mean_loss(model, spec, ids, float_targets(model, spec, ids, 4), 3) == 0.0
     path = tmp_path / "mq.pt"
+    model = smoothed("llama")
+    targets = float_targets(smoothed("llama"), arch_for(model), ids, 4)
     train(model, ids, SCFG, replace(MCFG, windows=4), state_path=path)
+    direct = torch.nn.functional.mse_loss(last_hidden(model, arch_for(model), ids), targets)
+    assert mean_loss(model, arch_for(model), ids, targets, 3) == pytest.approx(direct.item())
     held = torch.load(path, weights_only=True)["heldout"]
     assert held["windows"] == 4 and held["end"] < held["start"]
+    assert held["steps"] == held["total"] == MCFG.epochs
     out = capsys.readouterr().out
     assert f"loss on 4 calibration windows not trained on {held['start']:.4g} -> " in out
-    assert "raised it" not in out
+    assert "raised it" not in out and "steps" not in out.split("not trained on")[1]
+
+
+def test_the_check_of_an_early_stop_says_so_and_needs_no_saved_state(tmp_path, capsys):
+    path = tmp_path / "new.pt"  # nothing saved yet: max_steps=0 writes no state
+    train(smoothed("llama"), calib(), SCFG, replace(MCFG, windows=4), path, max_steps=0)
+    assert f"after 0 of {MCFG.epochs} steps" in capsys.readouterr().out
+    assert not path.exists()
 
 
 def test_a_state_saved_before_the_windows_knob_still_loads(tmp_path):

@@ -56,10 +56,11 @@ def test_a_run_trained_here_records_its_loss_per_step(tokenizer, calib_file):
         model, tokenizer, StaticConfig(), calib, None, mcfg
     )
     assert label == "mobilequant windows=4" and seconds > 0
-    losses, held = extra["losses"], extra["heldout"]
+    losses, held = extra["losses"], extra["calib_heldout"]
     assert len(losses) == 2 and all(x > 0 for x in losses)  # 4 windows per step, 2 epochs
     assert held["windows"] == 4 and held["start"] > 0  # the 4 calibration windows left out
-    row = {"model": "m", "config": "w8a8", "method": label, "losses": losses, "heldout": held}
+    row = {"model": "m", "config": "w8a8", "method": label, "losses": losses}
+    row["calib_heldout"] = held
     (line,) = [x for x in w8a8.training_losses({"k": row}) if x.startswith("- m w8a8")]
     assert f"first step {losses[0]:.4g}" in line and "(2 steps)" in line
     assert f"not trained on {held['start']:.4g} before, {held['end']:.4g} after" in line
