@@ -232,6 +232,12 @@ def _report_heldout(held: dict, state_path) -> None:
         _save(state_path, {**state, "heldout": held})
 
 
+def _steps(windows: int, mcfg: MobileQuantConfig) -> tuple[int, int]:
+    """(steps per epoch, steps in all) of a training on `windows` calibration windows."""
+    per_epoch = math.ceil(windows / mcfg.batch)
+    return per_epoch, mcfg.epochs * per_epoch
+
+
 def _state(step, learn, qs, opt, sched, mcfg, losses) -> dict:
     return {
         "step": step,
@@ -313,9 +319,8 @@ def train(
         losses = _fit(model, spec, train_ids, targets, learn, qs, mcfg, state_path, max_steps)
         if held_targets is not None:
             end = mean_loss(model, spec, held_ids, held_targets, mcfg.batch)
-            total = mcfg.epochs * math.ceil(len(train_ids) / mcfg.batch)
             held = {"windows": len(held_ids), "start": start, "end": end}
-            held |= {"steps": len(losses), "total": total}
+            held |= {"steps": len(losses), "total": _steps(len(train_ids), mcfg)[1]}
     except BaseException:
         bake(model, keep=False)
         qs.remove()
@@ -338,8 +343,7 @@ def _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps
         q.relative(True)
         ranges += [q.lo.requires_grad_(True), q.hi.requires_grad_(True)]
     opt = torch.optim.AdamW(learn.groups(ranges, mcfg), weight_decay=0.0)
-    per_epoch = math.ceil(len(input_ids) / mcfg.batch)
-    total = mcfg.epochs * per_epoch
+    per_epoch, total = _steps(len(input_ids), mcfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total))
     )
