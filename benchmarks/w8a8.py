@@ -19,20 +19,21 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 from provenance import measured_on, stamp
 
 from edgequant.api import quantize_static
-from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
+from edgequant.config import RANGES, CalibConfig, MobileQuantConfig, StaticConfig
 from edgequant.data import calibration_ids, evaluation_ids, get_source
 from edgequant.errors import EdgequantError
 from edgequant.evaluate import perplexity
 from edgequant.io import atomic_write_text
-from edgequant.mobilequant import LEGACY, apply_trained
+from edgequant.mobilequant import LEGACY, STATIC_LEGACY, apply_trained, static_record
 from edgequant.recipe import Recipe, apply_recipe
+from edgequant.static import METHOD_RANGES, range_setting
 from edgequant.zoo import load
 
 RESULTS = Path(__file__).parent / "results"
@@ -54,6 +55,11 @@ def mobilequant_label(mcfg: MobileQuantConfig) -> str:
     if diff.get("windows") == 0:
         diff["windows"] = "all"
     return "mobilequant" + "".join(f" {k}={v}" for k, v in sorted(diff.items()))
+
+
+def ranges_label(method: str, ranges: str) -> str:
+    """Rows name their activation-range setting where it is not the method's own."""
+    return "" if ranges == METHOD_RANGES[method] else f" ranges={ranges}"
 
 
 def mobilequant_knobs(text: str) -> MobileQuantConfig:
@@ -92,6 +98,7 @@ def mobilequant_row(
     """SmoothQuant, then MobileQuant training here with `mcfg`, or re-applied from `where`
     (trained elsewhere, any knobs: smoothquant.safetensors + mobilequant.pt + run.json).
     Returns (label, seconds, fields for the row: the loss per step, or where it trained)."""
+    mq = "mobilequant"
     if where is None:
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp) / "mobilequant.pt"
@@ -99,9 +106,10 @@ def mobilequant_row(
             quantize_static(model, tok, "mobilequant", cfg, calib, mcfg, state_path=state)
             seconds = time.perf_counter() - t0
             saved = torch.load(state, weights_only=True)
-        return mobilequant_label(mcfg), seconds, training_record(saved["losses"], saved)
+        label = mobilequant_label(mcfg) + ranges_label("mobilequant", range_setting(cfg, mq))
+        return label, seconds, training_record(saved["losses"], saved)
     run = json.loads((where / "run.json").read_text())
-    if run["static"] != cfg.__dict__:
+    if {**STATIC_LEGACY, **run["static"]} != static_record(cfg):
         raise SystemExit(f"{where} was trained with another static config: {run['static']}")
     mcfg = MobileQuantConfig(**{**LEGACY, **run["mobilequant"]})  # runs from before a knob
     apply_recipe(model, Recipe.load(where / "smoothquant.safetensors"), quantize=False)
@@ -111,7 +119,8 @@ def mobilequant_row(
         info["sharing"] = run["sharing"]
     saved = torch.load(where / "mobilequant.pt", weights_only=True)
     extra = training_record(run.get("losses", []), saved) | {"trained_on": info}
-    return mobilequant_label(mcfg), run["seconds"], extra
+    label = mobilequant_label(mcfg) + ranges_label("mobilequant", range_setting(cfg, mq))
+    return label, run["seconds"], extra
 
 
 def run_model(name: str, args, results: dict, path: Path) -> None:
@@ -122,6 +131,8 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     def record(model, config, method, seconds, extra=None):
         ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
         row = {"model": name, "config": config, "method": method, "seconds": round(seconds, 1)}
+        if method != "fp":
+            row["ranges"] = range_setting(cfg, method.split()[0])
         row |= {"ppl": ppl} | args.stamp | (extra or {})
         results["rows"][key(row)] = row
         save(path, results)
@@ -130,7 +141,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     if "fp" in args.methods:
         record(model, "fp", "fp", 0.0)
     for config in args.configs:
-        cfg = CONFIGS[config]
+        cfg = replace(CONFIGS[config], ranges=args.ranges)
         for method in args.methods:
             if method == "fp":
                 continue
@@ -142,7 +153,8 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
                 continue
             t0 = time.perf_counter()
             quantize_static(model, tok, method, cfg, calib)
-            record(model, config, method, time.perf_counter() - t0)
+            label = method + ranges_label(method, range_setting(cfg, method))
+            record(model, config, label, time.perf_counter() - t0)
 
 
 def block_speed(name: str, threads: int, repeats: int) -> list[dict]:
@@ -204,18 +216,20 @@ def ppl(row: dict | None, text: str) -> float | None:
 
 def checks(rows: dict) -> list[tuple[str, bool | str | None]]:
     """Issue #6, per model and config, on the MobileQuant row with the lowest W8A8 / W4A8
-    perplexity (its knobs in its label): it beats SmoothQuant on every text, and at W8A8 it
-    is within 10% of FP. Every other MobileQuant row is listed as INFO."""
+    perplexity (its knobs in its label): it beats SmoothQuant (with the same activation-range
+    setting) on every text, and at W8A8 it is within 10% of FP. Every other MobileQuant row
+    is listed as INFO."""
     out = []
     for name in MODELS:
         fp = rows.get(f"{name}|fp|fp")
         for config in CONFIGS:
-            sq = rows.get(f"{name}|{config}|smoothquant")
             mqs = [r for r in rows.values() if r["model"] == name and r["config"] == config
                    and r["method"].startswith("mobilequant")]  # fmt: skip
             mqs.sort(key=lambda r: sum(ppl(r, t) for t in TEXTS))
             for rank, mq in enumerate(mqs or [None]):
                 label = mq["method"] if mq else "mobilequant"
+                same = ranges_label("smoothquant", mq.get("ranges", "minmax") if mq else "mse")
+                sq = rows.get(f"{name}|{config}|smoothquant{same}")  # the same range setting
                 for t in TEXTS:
                     what = f"{name} {config} {t}: {label} < SmoothQuant"
                     if mq is None or sq is None:
@@ -328,6 +342,7 @@ def main() -> None:
         "(rows are labelled by the knobs that differ from the defaults)",
     )
     p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")
+    p.add_argument("--ranges", choices=RANGES, help="activation ranges (default: each method's)")
     p.add_argument("--out", type=Path, default=RESULTS / "w8a8.json")
     p.add_argument("--speed", action="store_true", help="only the ONNX Runtime block timing")
     p.add_argument("--threads", type=int, default=2)

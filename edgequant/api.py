@@ -89,7 +89,7 @@ def quantize_static(
     """
     from edgequant.mobilequant import train
     from edgequant.smoothquant import smoothquant
-    from edgequant.static import Quantizers, observe_ranges, quantize_weights
+    from edgequant.static import Quantizers, observe_ranges, quantize_weights, range_setting
 
     cfg, calib = cfg or StaticConfig(), calib or CalibConfig()
     if method not in STATIC_METHODS:
@@ -105,7 +105,7 @@ def quantize_static(
         return train(model, ids, cfg, mcfg, state_path)[0], recipe
     quantize_weights(model, cfg)
     qs = Quantizers(model, cfg)
-    observe_ranges(model, qs, ids)
+    observe_ranges(model, qs, ids, ranges=range_setting(cfg, method))
     return qs, recipe
 
 

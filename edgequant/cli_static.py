@@ -9,13 +9,16 @@ from edgequant.errors import EdgequantError
 
 
 def add_static_args(p) -> None:
-    from edgequant.config import MobileQuantConfig
+    from edgequant.config import RANGES, MobileQuantConfig
 
     d = MobileQuantConfig()
     g = p.add_argument_group("integer-only methods (static-rtn, smoothquant, mobilequant)")
     g.add_argument("--a-bits", type=int, default=8, help="8 (the precision map) or 16")
     g.add_argument("--w-symmetric", action="store_true", help="W4: signed per-channel grid")
     g.add_argument("--alpha", type=float, help="SmoothQuant alpha (default: searched)")
+    g.add_argument("--ranges", choices=RANGES,
+                   help="activation ranges: minmax, or mse (least squared error at 8-bit "
+                   "points); default: static-rtn minmax, the others mse")  # fmt: skip
     g.add_argument("--epochs", type=int, default=d.epochs, help="MobileQuant training epochs")
     g.add_argument("--batch", type=int, default=d.batch, help="MobileQuant windows per step")
     g.add_argument("--windows", type=int, default=d.windows,
@@ -34,7 +37,9 @@ def cmd_quantize_static(a):
     from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
     from edgequant.zoo import load
 
-    cfg = StaticConfig(w_bits=a.w_bits, a_bits=a.a_bits, w_symmetric=a.w_symmetric, alpha=a.alpha)
+    cfg = StaticConfig(
+        w_bits=a.w_bits, a_bits=a.a_bits, w_symmetric=a.w_symmetric, alpha=a.alpha, ranges=a.ranges
+    )
     mcfg = MobileQuantConfig(
         epochs=a.epochs,
         batch=a.batch,

@@ -122,6 +122,9 @@ STATIC_METHODS = ("static-rtn", "smoothquant", "mobilequant")  # integer-only W8
 STATIC_QUANT_METHOD = "edgequant-static"  # quant_method of integer-only checkpoints
 
 
+RANGES = ("minmax", "mse")  # how static activation ranges are set (StaticConfig.ranges)
+
+
 @dataclass(frozen=True)
 class StaticConfig:
     """Integer-only weight + activation quantization with static per-tensor activation ranges.
@@ -131,6 +134,9 @@ class StaticConfig:
     Activations: the architecture's precision map gives each quantization point 8 or 16
     bits; a_bits 16 lifts the 8-bit points to 16 as well. Asymmetric, one range per tensor.
     SmoothQuant's alpha: None grid-searches it per scale group (alpha_grid points in [0, 1)).
+    ranges: how activation ranges are set from calibration, "minmax" or "mse" (8-bit points
+    take the range of least squared error, see edgequant.static.observe_ranges); None: the
+    method's own (static-rtn min/max; smoothquant and mobilequant mse).
     """
 
     w_bits: int = 8
@@ -139,6 +145,7 @@ class StaticConfig:
     alpha: float | None = None
     alpha_grid: int = 20
     search_tokens: int = 4096  # token sample for the alpha search
+    ranges: str | None = None
 
     def __post_init__(self) -> None:
         if self.w_bits not in (4, 8):
@@ -149,6 +156,8 @@ class StaticConfig:
             raise EdgequantError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
         if self.alpha_grid < 1 or self.search_tokens < 1:
             raise EdgequantError("alpha_grid and search_tokens must be positive")
+        if self.ranges is not None and self.ranges not in RANGES:
+            raise EdgequantError(f"ranges must be one of {RANGES}, got {self.ranges!r}")
 
 
 @dataclass(frozen=True)

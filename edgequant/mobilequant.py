@@ -26,7 +26,7 @@ from edgequant.config import MobileQuantConfig, QuantConfig, StaticConfig
 from edgequant.errors import EdgequantError
 from edgequant.io import atomic_path
 from edgequant.primitives import fake_quant_static, fake_quant_sym
-from edgequant.static import Quantizers, observe_ranges, weight_config
+from edgequant.static import Quantizers, observe_ranges, range_setting, weight_config
 
 
 class EffectiveWeight(nn.Module):
@@ -146,6 +146,12 @@ def bake(model: nn.Module, keep: bool = True) -> None:
 
 
 LEGACY = {"windows": 0}  # MobileQuantConfig knobs added later -> what older states ran with
+STATIC_LEGACY = {"ranges": "minmax"}  # the same for StaticConfig
+
+
+def static_record(cfg: StaticConfig) -> dict:
+    """The static configuration as a state records it: the range setting resolved."""
+    return asdict(cfg) | {"ranges": range_setting(cfg, "mobilequant")}
 
 
 class _Stop(Exception):
@@ -246,7 +252,7 @@ def _state(step, learn, qs, opt, sched, mcfg, losses) -> dict:
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "config": asdict(mcfg),
-        "static": asdict(qs.cfg),
+        "static": static_record(qs.cfg),
         "losses": losses,
     }
 
@@ -267,8 +273,11 @@ def _load_state(path, learn, qs, mcfg, device) -> dict:
         hint = " (states from before --windows trained on every window: --windows 0)"
         hint = hint if "windows" not in state.get("config", {}) else ""
         raise EdgequantError(f"{path} was saved with another MobileQuant configuration{hint}")
-    if state.get("static", asdict(qs.cfg)) != asdict(qs.cfg):
-        raise EdgequantError(f"{path} was saved with another static configuration (bits)")
+    static = static_record(qs.cfg)
+    if {**STATIC_LEGACY, **state.get("static", static)} != static:
+        raise EdgequantError(
+            f"{path} was saved with another static configuration: {state['static']}"
+        )
     learn.load_state_dict(state["learnables"])
     qs.load_state_dict(state["ranges"])
     return state
@@ -313,7 +322,8 @@ def train(
     held = None
     try:
         with parametrize.cached():  # the weights do not change while ranges are observed
-            observe_ranges(model, qs, input_ids, mcfg.batch)  # on every calibration window
+            ranges = range_setting(scfg, "mobilequant")
+            observe_ranges(model, qs, input_ids, mcfg.batch, ranges)  # on every window
         if held_targets is not None:
             start = mean_loss(model, spec, held_ids, held_targets, mcfg.batch)
         losses = _fit(model, spec, train_ids, targets, learn, qs, mcfg, state_path, max_steps)

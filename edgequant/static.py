@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgequant.arch import ActPoint, ArchSpec, arch_for, blocks_of
-from edgequant.config import QuantConfig, StaticConfig
+from edgequant.config import RANGES, QuantConfig, StaticConfig
 from edgequant.errors import EdgequantError
 from edgequant.primitives import fake_quant_static, fake_quantize, static_qparams
 
@@ -238,11 +238,63 @@ def quantize_weights(model: nn.Module, cfg: StaticConfig) -> None:
             lin.weight.copy_(static_weight(lin.weight.float(), qcfg, per_channel))
 
 
+# the range setting each method takes unless StaticConfig.ranges names one: plain static RTN
+# keeps min/max (the baseline as specified); SmoothQuant and MobileQuant start from mse
+METHOD_RANGES = {"static-rtn": "minmax", "smoothquant": "mse", "mobilequant": "mse"}
+
+
+def range_setting(cfg: StaticConfig, method: str) -> str:
+    return cfg.ranges or METHOD_RANGES[method]
+
+
+def histograms(qs: Quantizers) -> tuple[dict, list]:
+    """One torch HistogramObserver per 8-bit point, fed by a hook on its quantizer."""
+    from torch.ao.quantization.observer import HistogramObserver
+
+    obs, handles = {}, []
+    for name, q in qs.quant.items():
+        if q.bits != 8:
+            continue
+        o = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+        obs[name] = o.to(q.lo.device)
+        hook = lambda m, args, out, o=o: o(args[0].detach().float())  # noqa: E731
+        handles.append(q.register_forward_hook(hook))
+    return obs, handles
+
+
 @torch.no_grad()
-def observe_ranges(model: nn.Module, qs: Quantizers, input_ids: torch.Tensor, batch: int = 8):
-    """Run the calibration ids [N, T] through the model with every quantizer observing."""
+def observe_ranges(
+    model: nn.Module, qs: Quantizers, input_ids: torch.Tensor, batch: int = 8, ranges="minmax"
+):
+    """Run the calibration ids [N, T] through the model with every quantizer observing.
+
+    ranges "minmax": each point's range is the min / max of what it saw. "mse": 8-bit points
+    take the range of least squared rounding plus clipping error over the histogram of what
+    they saw (torch's HistogramObserver), so rare outliers no longer stretch the step for
+    every other token; 16-bit points keep min / max (their step is already fine, and the
+    residual stream's largest channels must not be clipped).
+    """
+    if ranges not in RANGES:
+        raise EdgequantError(f"activation ranges must be one of {RANGES}, got {ranges!r}")
     model.eval()
-    with qs.mode("observe"):
-        for start in tqdm(range(0, len(input_ids), batch), desc="ranges", unit="batch"):
-            model(input_ids[start : start + batch], use_cache=False)
+    obs, handles = histograms(qs) if ranges == "mse" else ({}, [])
+    try:
+        with qs.mode("observe"):
+            for start in tqdm(range(0, len(input_ids), batch), desc="ranges", unit="batch"):
+                model(input_ids[start : start + batch], use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
     qs.freeze()
+    least_error_ranges(qs, obs)
+
+
+@torch.no_grad()
+def least_error_ranges(qs: Quantizers, obs: dict) -> None:
+    """Narrow each observed point to its histogram's range of least squared error."""
+    for name, o in obs.items():
+        q = qs.quant[name]
+        scale, zero = (t.item() for t in o.calculate_qparams())
+        # within the observed min / max (the histogram's range never leaves it but to hold 0)
+        q.lo.clamp_(min=-zero * scale / q.unit.item())
+        q.hi.clamp_(max=(255 - zero) * scale / q.unit.item())

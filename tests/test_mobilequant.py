@@ -159,3 +159,15 @@ def test_a_state_saved_before_the_windows_knob_still_loads(tmp_path):
     assert apply_trained(smoothed("llama"), SCFG, every, path).table() == qs.table()
     with pytest.raises(EdgequantError, match="another MobileQuant configuration"):
         apply_trained(smoothed("llama"), SCFG, replace(MCFG, windows=4), path)
+
+
+def test_a_state_saved_before_the_ranges_setting_loads_as_minmax(tmp_path):
+    path, minmax = tmp_path / "mq.pt", replace(SCFG, ranges="minmax")
+    qs, _ = train(smoothed("llama"), calib(), minmax, MCFG, state_path=path)
+    state = torch.load(path, weights_only=True)
+    assert state["static"]["ranges"] == "minmax"
+    del state["static"]["ranges"]  # as written by earlier versions: min / max ranges
+    torch.save(state, path)
+    assert apply_trained(smoothed("llama"), minmax, MCFG, path).table() == qs.table()
+    with pytest.raises(EdgequantError, match="another static configuration"):
+        apply_trained(smoothed("llama"), SCFG, MCFG, path)  # SCFG: mobilequant's mse

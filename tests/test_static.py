@@ -8,7 +8,15 @@ from edgequant.errors import EdgequantError
 from edgequant.primitives import fake_quant_static
 from edgequant.recipe import Recipe, apply_recipe
 from edgequant.smoothquant import smooth_scale, smoothquant, static_error
-from edgequant.static import Quantizers, observe_ranges, quantize_weights, static_weight
+from edgequant.static import (
+    Quantizers,
+    histograms,
+    least_error_ranges,
+    observe_ranges,
+    quantize_weights,
+    range_setting,
+    static_weight,
+)
 
 
 def ids(n=4, t=24, seed=0):
@@ -71,6 +79,77 @@ def test_static_ranges_a16_close_a8_coarser(arch):
         qs.remove()
     assert errs[16] < 1e-3 * ref.pow(2).mean().item()
     assert errs[16] < errs[8]
+
+
+def point_inputs(model, qs, x) -> dict[str, torch.Tensor]:
+    """What flows into each quantizer on ids x (quantizers off)."""
+    seen, hooks = {}, []
+    for k, q in qs.quant.items():
+        hook = lambda m, a, out, k=k: seen.setdefault(k, []).append(a[0].detach())  # noqa: E731
+        hooks.append(q.register_forward_hook(hook))
+    with qs.mode("off"):
+        logits(model, x)
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat([t.flatten() for t in v]) for k, v in seen.items()}
+
+
+def test_mse_ranges_stay_within_min_max_and_do_not_raise_the_error():
+    model = FACTORIES["llama"]()
+    cal = ids(n=8, seed=3)
+    tables, errors = {}, {}
+    for ranges in ("minmax", "mse"):
+        qs = Quantizers(model, StaticConfig())
+        observe_ranges(model, qs, cal, ranges=ranges)
+        tables[ranges] = qs.table()
+        xs = point_inputs(model, qs, cal)
+        eight = [(k, q) for k, q in qs.quant.items() if q.bits == 8]
+        errors[ranges] = sum(
+            (fake_quant_static(xs[k], q.lo, q.hi, 8) - xs[k]).pow(2).sum().item() for k, q in eight
+        )
+        qs.remove()
+    narrower = 0
+    for name, mm in tables["minmax"].items():
+        mse = tables["mse"][name]
+        if mm["bits"] == 16:
+            assert mse == mm, name  # 16-bit points keep min / max
+            continue
+        assert mm["lo"] <= mse["lo"] <= 0 <= mse["hi"] <= mm["hi"], name
+        narrower += mse["hi"] - mse["lo"] < mm["hi"] - mm["lo"]
+    assert narrower > 0
+    assert errors["mse"] <= errors["minmax"] * 1.001
+
+
+def test_mse_range_of_a_heavy_tailed_point_halves_its_error():
+    model = FACTORIES["llama"]()
+    qs = Quantizers(model, StaticConfig())
+    obs, hooks = histograms(qs)
+    name = "0/mlp_down_proj:in"
+    q = qs.quant[name]
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0)) - 0.5
+    x = -u.sign() * torch.log1p(-2 * u.abs())  # Laplace(0, 1): heavy tails, as activations
+    q(x)  # observing: min / max and the histogram
+    minmax = (q.lo.item(), q.hi.item())
+    least_error_ranges(qs, {name: obs[name]})
+    q.mode = "quant"
+    err = (q(x) - x).pow(2).mean().item()
+    lo, hi = (torch.tensor(v) for v in minmax)
+    assert err < 0.5 * (fake_quant_static(x, lo, hi, 8) - x).pow(2).mean().item()
+    assert minmax[0] < q.lo.item() < 0 < q.hi.item() < minmax[1]
+    for h in hooks:
+        h.remove()
+
+
+def test_range_settings_by_method_and_bad_names():
+    assert range_setting(StaticConfig(), "static-rtn") == "minmax"
+    assert range_setting(StaticConfig(), "smoothquant") == "mse"
+    assert range_setting(StaticConfig(), "mobilequant") == "mse"
+    assert range_setting(StaticConfig(ranges="minmax"), "smoothquant") == "minmax"
+    with pytest.raises(EdgequantError, match="ranges must be one of"):
+        StaticConfig(ranges="percentile")
+    model = FACTORIES["llama"]()
+    with pytest.raises(EdgequantError, match="activation ranges must be one of"):
+        observe_ranges(model, Quantizers(model, StaticConfig()), ids(), ranges="max")
 
 
 def test_unobserved_or_nan_range_is_a_clear_error():

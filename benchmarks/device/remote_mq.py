@@ -19,7 +19,7 @@ from remote import build  # noqa: E402
 
 from edgequant.awq import device_name  # noqa: E402
 from edgequant.config import MobileQuantConfig, StaticConfig  # noqa: E402
-from edgequant.mobilequant import train  # noqa: E402
+from edgequant.mobilequant import static_record, train  # noqa: E402
 from edgequant.smoothquant import smoothquant  # noqa: E402
 
 OUT = "/tmp/mqout"
@@ -39,7 +39,7 @@ if __name__ == "__main__":
         secs = time.perf_counter() - t0
         run = {
             "model": name,
-            "static": asdict(scfg),
+            "static": static_record(scfg),
             "mobilequant": asdict(mcfg),
             "seconds": round(secs, 1),
             "device": device_name(ids.device),
