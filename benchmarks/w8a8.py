@@ -26,6 +26,7 @@ import torch
 from provenance import measured_on, stamp
 
 from edgequant.api import quantize_static
+from edgequant.cli_static import alpha_arg
 from edgequant.config import RANGES, CalibConfig, MobileQuantConfig, StaticConfig
 from edgequant.data import calibration_ids, evaluation_ids, get_source
 from edgequant.errors import EdgequantError
@@ -57,9 +58,22 @@ def mobilequant_label(mcfg: MobileQuantConfig) -> str:
     return "mobilequant" + "".join(f" {k}={v}" for k, v in sorted(diff.items()))
 
 
-def ranges_label(method: str, ranges: str) -> str:
-    """Rows name their activation-range setting where it is not the method's own."""
-    return "" if ranges == METHOD_RANGES[method] else f" ranges={ranges}"
+def static_knobs(method: str, cfg: StaticConfig) -> dict:
+    """The row's SmoothQuant alpha ("search" for the grid search) and activation ranges."""
+    knobs = {"ranges": range_setting(cfg, method)}
+    if method != "static-rtn":  # no smoothing
+        knobs["alpha"] = "search" if cfg.alpha is None else cfg.alpha
+    return knobs
+
+
+def static_label(method: str, knobs: dict) -> str:
+    """Rows name the static knobs that differ from the method's defaults."""
+    label = ""
+    if knobs.get("alpha", StaticConfig().alpha) != StaticConfig().alpha:
+        label += f" alpha={knobs['alpha']}"
+    if knobs.get("ranges", METHOD_RANGES[method]) != METHOD_RANGES[method]:
+        label += f" ranges={knobs['ranges']}"
+    return label
 
 
 def mobilequant_knobs(text: str) -> MobileQuantConfig:
@@ -106,7 +120,7 @@ def mobilequant_row(
             quantize_static(model, tok, "mobilequant", cfg, calib, mcfg, state_path=state)
             seconds = time.perf_counter() - t0
             saved = torch.load(state, weights_only=True)
-        label = mobilequant_label(mcfg) + ranges_label("mobilequant", range_setting(cfg, mq))
+        label = mobilequant_label(mcfg) + static_label(mq, static_knobs(mq, cfg))
         return label, seconds, training_record(saved["losses"], saved)
     run = json.loads((where / "run.json").read_text())
     if {**STATIC_LEGACY, **run["static"]} != static_record(cfg):
@@ -119,7 +133,7 @@ def mobilequant_row(
         info["sharing"] = run["sharing"]
     saved = torch.load(where / "mobilequant.pt", weights_only=True)
     extra = training_record(run.get("losses", []), saved) | {"trained_on": info}
-    label = mobilequant_label(mcfg) + ranges_label("mobilequant", range_setting(cfg, mq))
+    label = mobilequant_label(mcfg) + static_label(mq, static_knobs(mq, cfg))
     return label, run["seconds"], extra
 
 
@@ -132,7 +146,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
         ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
         row = {"model": name, "config": config, "method": method, "seconds": round(seconds, 1)}
         if method != "fp":
-            row["ranges"] = range_setting(cfg, method.split()[0])
+            row |= static_knobs(method.split()[0], cfg)
         row |= {"ppl": ppl} | args.stamp | (extra or {})
         results["rows"][key(row)] = row
         save(path, results)
@@ -141,7 +155,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     if "fp" in args.methods:
         record(model, "fp", "fp", 0.0)
     for config in args.configs:
-        cfg = replace(CONFIGS[config], ranges=args.ranges)
+        cfg = replace(CONFIGS[config], ranges=args.ranges, alpha=args.alpha)
         for method in args.methods:
             if method == "fp":
                 continue
@@ -153,7 +167,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
                 continue
             t0 = time.perf_counter()
             quantize_static(model, tok, method, cfg, calib)
-            label = method + ranges_label(method, range_setting(cfg, method))
+            label = method + static_label(method, static_knobs(method, cfg))
             record(model, config, label, time.perf_counter() - t0)
 
 
@@ -216,9 +230,9 @@ def ppl(row: dict | None, text: str) -> float | None:
 
 def checks(rows: dict) -> list[tuple[str, bool | str | None]]:
     """Issue #6, per model and config, on the MobileQuant row with the lowest W8A8 / W4A8
-    perplexity (its knobs in its label): it beats SmoothQuant (with the same activation-range
-    setting) on every text, and at W8A8 it is within 10% of FP. Every other MobileQuant row
-    is listed as INFO."""
+    perplexity (its knobs in its label): it beats SmoothQuant (with the same alpha and
+    activation ranges) on every text, and at W8A8 it is within 10% of FP. Every other
+    MobileQuant row is listed as INFO."""
     out = []
     for name in MODELS:
         fp = rows.get(f"{name}|fp|fp")
@@ -228,8 +242,8 @@ def checks(rows: dict) -> list[tuple[str, bool | str | None]]:
             mqs.sort(key=lambda r: sum(ppl(r, t) for t in TEXTS))
             for rank, mq in enumerate(mqs or [None]):
                 label = mq["method"] if mq else "mobilequant"
-                same = ranges_label("smoothquant", mq.get("ranges", "minmax") if mq else "mse")
-                sq = rows.get(f"{name}|{config}|smoothquant{same}")  # the same range setting
+                same = static_label("smoothquant", mq or {})
+                sq = rows.get(f"{name}|{config}|smoothquant{same}")  # the same alpha and ranges
                 for t in TEXTS:
                     what = f"{name} {config} {t}: {label} < SmoothQuant"
                     if mq is None or sq is None:
@@ -343,6 +357,8 @@ def main() -> None:
     )
     p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")
     p.add_argument("--ranges", choices=RANGES, help="activation ranges (default: each method's)")
+    p.add_argument("--alpha", type=alpha_arg, default=StaticConfig().alpha,
+                   help="SmoothQuant alpha, or 'search' (default 0.5)")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "w8a8.json")
     p.add_argument("--speed", action="store_true", help="only the ONNX Runtime block timing")
     p.add_argument("--threads", type=int, default=2)

@@ -133,7 +133,9 @@ class StaticConfig:
     (down_proj); w_bits 4 -> per-channel, asymmetric or symmetric (w_symmetric).
     Activations: the architecture's precision map gives each quantization point 8 or 16
     bits; a_bits 16 lifts the 8-bit points to 16 as well. Asymmetric, one range per tensor.
-    SmoothQuant's alpha: None grid-searches it per scale group (alpha_grid points in [0, 1)).
+    SmoothQuant's alpha: 0.5 (the SmoothQuant paper's default); None grid-searches it per
+    scale group (alpha_grid points in [0, 1)) on the group's own output error, which lost to
+    0.5 on both SmolLM2-135M and Gemma-3-270M W8A8 (w8a8.md).
     ranges: how activation ranges are set from calibration, "minmax" or "mse" (8-bit points
     take the range of least squared error, see edgequant.static.observe_ranges); None: the
     method's own (static-rtn min/max; smoothquant and mobilequant mse).
@@ -142,7 +144,7 @@ class StaticConfig:
     w_bits: int = 8
     a_bits: int = 8
     w_symmetric: bool = False
-    alpha: float | None = None
+    alpha: float | None = 0.5
     alpha_grid: int = 20
     search_tokens: int = 4096  # token sample for the alpha search
     ranges: str | None = None

@@ -5,8 +5,9 @@ norm -> gate/up, up -> down) one per-channel scale s_j = max|X_j|^alpha / max|W_
 divides the previous op's output and multiplies the group's weight columns: float outputs
 are unchanged, and the input becomes easier to hold on one static per-tensor range.
 alpha is fixed (StaticConfig.alpha) or grid-searched per group: the loss is the output error
-of the group's linears with the input on a static a_bits range and the weights on their
-static grid (see edgequant.static), over a token sample. s = 1 stays when nothing beats it.
+of the group's linears with the input on a static a_bits range (min/max, or of least
+squared error as StaticConfig.ranges sets it) and the weights on their static grid (see
+edgequant.static), over a token sample. s = 1 stays when nothing beats it.
 The result is a Recipe holding only scales; `apply_recipe(model, r, quantize=False)` refolds.
 """
 
@@ -22,7 +23,13 @@ from edgequant.calibrate import check_finite, run_layerwise
 from edgequant.config import QuantConfig, StaticConfig
 from edgequant.primitives import fake_quant_static
 from edgequant.recipe import Recipe, apply_group
-from edgequant.static import static_weight, weight_config
+from edgequant.static import (
+    least_error_range,
+    log_histogram,
+    range_setting,
+    static_weight,
+    weight_config,
+)
 
 
 def smooth_scale(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -38,12 +45,17 @@ def static_error(
     s: torch.Tensor,
     a_bits: int,
     refs: list[torch.Tensor] | None = None,
+    ranges: str = "minmax",
 ) -> float:
     # x [n, C] inputs, ws [out_k, C] weights with their (QuantConfig, per-channel) grids, s [C],
     # refs [n, out_k] the float outputs x @ w.T (computed when None) -> mean squared output
-    # error of the linears with x / s on one static range, w * s on its grid
+    # error of the linears with x / s on one static range (set as `ranges` sets it at 8
+    # bits), w * s on its grid
     xs = x / s
-    xq = fake_quant_static(xs, xs.min(), xs.max(), a_bits)
+    lo, hi = xs.min(), xs.max()
+    if ranges == "mse" and a_bits == 8:
+        lo, hi = (t.to(xs.device) for t in least_error_range(log_histogram(xs)))
+    xq = fake_quant_static(xs, lo, hi, a_bits)
     refs = refs or [x @ w.T for w in ws]
     err = 0.0
     for w, ref, (qcfg, per_channel) in zip(ws, refs, grids, strict=True):
@@ -81,11 +93,12 @@ class SmoothSearch:
         n = min(self.cfg.search_tokens, flat.shape[0])
         x = flat[torch.randperm(flat.shape[0], generator=self.gen)[:n]]
         refs = [x @ w.T for w in ws]
-        a_bits = self.cfg.a_bits
-        best, best_err = None, static_error(x, ws, grids, torch.ones_like(x_max), a_bits, refs)
+        a_bits, ranges = self.cfg.a_bits, range_setting(self.cfg, "smoothquant")
+        ones = torch.ones_like(x_max)
+        best, best_err = None, static_error(x, ws, grids, ones, a_bits, refs, ranges)
         for i in range(self.cfg.alpha_grid):
             s = smooth_scale(x_max, w_max, i / self.cfg.alpha_grid)
-            err = static_error(x, ws, grids, s, a_bits, refs)
+            err = static_error(x, ws, grids, s, a_bits, refs, ranges)
             if math.isfinite(err) and err < best_err:
                 best, best_err = s, err
         return best

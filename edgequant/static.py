@@ -247,19 +247,64 @@ def range_setting(cfg: StaticConfig, method: str) -> str:
     return cfg.ranges or METHOD_RANGES[method]
 
 
-def histograms(qs: Quantizers) -> tuple[dict, list]:
-    """One torch HistogramObserver per 8-bit point, fed by a hook on its quantizer."""
-    from torch.ao.quantization.observer import HistogramObserver
+LOG2_SPAN = 24  # log histograms cover magnitudes 2^-24 .. 2^24 (beyond: the end bins)
+PER_OCTAVE = 64  # bins per doubling of magnitude: 1.1 % wide
 
-    obs, handles = {}, []
+
+def log_histogram(x: torch.Tensor) -> torch.Tensor:
+    # x [...] -> counts [2, 2 LOG2_SPAN PER_OCTAVE] of its negative and positive values by
+    # magnitude, ascending on a log scale: one pass holds any range. Zeros round exactly and
+    # are not counted (one histc over sign(x) (log2|x| + span + 1) leaves them in the gap)
+    x = x.detach().flatten().float()
+    y = x.abs().clamp(min=2.0**-LOG2_SPAN, max=2.0**LOG2_SPAN).log2_()
+    y = y.add_(LOG2_SPAN + 1).mul_(x.sign())
+    top, side = 2 * LOG2_SPAN + 1, 2 * LOG2_SPAN * PER_OCTAVE
+    h = torch.histc(y, 2 * top * PER_OCTAVE, -top, top).cpu()
+    return torch.stack([h[:side].flip(0), h[-side:]])
+
+
+def least_error_range(
+    counts: torch.Tensor, bits: int = 8, grid: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # counts [2, bins] a point's log histogram -> (lo, hi) scalars: among the min / max shrunk
+    # towards 0 in `grid` steps per side, the static range of least squared error: values
+    # outside are clipped to it, values inside cost step^2 / 12 of rounding
+    bins = counts.shape[1]
+    mags = torch.exp2((torch.arange(bins, dtype=torch.float64) + 0.5) / PER_OCTAVE - LOG2_SPAN)
+    v = torch.cat([-mags.flip(0), mags])  # [2 bins] ascending
+    w = torch.cat([counts[0].flip(0), counts[1]]).double()
+    zero = v.new_zeros(1)
+    held = v[w > 0]
+    if not len(held):  # nothing but zeros
+        return zero[0].float(), zero[0].float()
+    cw, c1, c2 = (torch.cat([zero, (w * v**k).cumsum(0)]) for k in range(3))  # [2 bins + 1]
+    c = torch.arange(grid, 0, -1, dtype=v.dtype) / grid  # 1 .. 1/grid
+    los, his = held.min().clamp(max=0) * c, held.max().clamp(min=0) * c  # [grid] each
+    below, upto = torch.searchsorted(v, los), torch.searchsorted(v, his, right=True)
+    clip_lo = c2[below] - 2 * los * c1[below] + los.pow(2) * cw[below]  # sum w (v - lo)^2
+    n = len(v)
+    clip_hi = (c2[n] - c2[upto]) - 2 * his * (c1[n] - c1[upto]) + his.pow(2) * (cw[n] - cw[upto])
+    step = (his[None, :] - los[:, None]) / (2**bits - 1)  # [grid lo, grid hi]
+    inside = cw[upto][None, :] - cw[below][:, None]
+    err = clip_lo[:, None] + clip_hi[None, :] + inside * step.pow(2) / 12
+    i, j = divmod(int(err.argmin()), grid)
+    return los[i].float(), his[j].float()
+
+
+def histograms(qs: Quantizers) -> tuple[dict, list]:
+    """Hooks that add what each 8-bit point sees to its log histogram."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
     for name, q in qs.quant.items():
         if q.bits != 8:
             continue
-        o = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-        obs[name] = o.to(q.lo.device)
-        hook = lambda m, args, out, o=o: o(args[0].detach().float())  # noqa: E731
+
+        def hook(mod, args, out, name=name):
+            h = log_histogram(args[0])
+            seen[name] = seen[name] + h if name in seen else h
+
         handles.append(q.register_forward_hook(hook))
-    return obs, handles
+    return seen, handles
 
 
 @torch.no_grad()
@@ -269,15 +314,15 @@ def observe_ranges(
     """Run the calibration ids [N, T] through the model with every quantizer observing.
 
     ranges "minmax": each point's range is the min / max of what it saw. "mse": 8-bit points
-    take the range of least squared rounding plus clipping error over the histogram of what
-    they saw (torch's HistogramObserver), so rare outliers no longer stretch the step for
-    every other token; 16-bit points keep min / max (their step is already fine, and the
-    residual stream's largest channels must not be clipped).
+    take the range of least squared rounding plus clipping error (`least_error_range`) on a
+    histogram of everything they saw, so a long tail no longer stretches the step for every
+    other value; 16-bit points keep min / max (their step is already fine, and the residual
+    stream's largest channels must not be clipped).
     """
     if ranges not in RANGES:
         raise EdgequantError(f"activation ranges must be one of {RANGES}, got {ranges!r}")
     model.eval()
-    obs, handles = histograms(qs) if ranges == "mse" else ({}, [])
+    seen, handles = histograms(qs) if ranges == "mse" else ({}, [])
     try:
         with qs.mode("observe"):
             for start in tqdm(range(0, len(input_ids), batch), desc="ranges", unit="batch"):
@@ -286,15 +331,15 @@ def observe_ranges(
         for h in handles:
             h.remove()
     qs.freeze()
-    least_error_ranges(qs, obs)
+    least_error_ranges(qs, seen)
 
 
 @torch.no_grad()
-def least_error_ranges(qs: Quantizers, obs: dict) -> None:
-    """Narrow each observed point to its histogram's range of least squared error."""
-    for name, o in obs.items():
+def least_error_ranges(qs: Quantizers, seen: dict[str, torch.Tensor]) -> None:
+    """Narrow each point with a histogram to its range of least squared error."""
+    for name, counts in seen.items():
         q = qs.quant[name]
-        scale, zero = (t.item() for t in o.calculate_qparams())
-        # within the observed min / max (the histogram's range never leaves it but to hold 0)
-        q.lo.clamp_(min=-zero * scale / q.unit.item())
-        q.hi.clamp_(max=(255 - zero) * scale / q.unit.item())
+        lo, hi = least_error_range(counts, q.bits)
+        # within the observed min / max (bin centres may lie a little beyond them)
+        q.lo.clamp_(min=lo.item() / q.unit.item())
+        q.hi.clamp_(max=hi.item() / q.unit.item())

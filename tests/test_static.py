@@ -11,7 +11,9 @@ from edgequant.smoothquant import smooth_scale, smoothquant, static_error
 from edgequant.static import (
     Quantizers,
     histograms,
+    least_error_range,
     least_error_ranges,
+    log_histogram,
     observe_ranges,
     quantize_weights,
     range_setting,
@@ -120,24 +122,47 @@ def test_mse_ranges_stay_within_min_max_and_do_not_raise_the_error():
     assert errors["mse"] <= errors["minmax"] * 1.001
 
 
-def test_mse_range_of_a_heavy_tailed_point_halves_its_error():
+def student_t(n: int, df: int = 2) -> torch.Tensor:
+    # -> [n] Student-t samples: a long tail, as activations have
+    z = torch.randn(n, df + 1, generator=torch.Generator().manual_seed(0))
+    return z[:, 0] / z[:, 1:].pow(2).mean(1).sqrt()
+
+
+def quant_error(x, lo, hi, bits=8) -> float:
+    return (fake_quant_static(x.clone(), lo, hi, bits) - x).pow(2).mean().item()
+
+
+def test_least_error_range_beats_min_max_and_every_range_of_its_grid():
+    x = student_t(100_000)
+    lo, hi = least_error_range(log_histogram(x))
+    assert x.min() < lo < 0 < hi < x.max()
+    best = quant_error(x, lo, hi)
+    assert best < 0.9 * quant_error(x, x.min(), x.max())
+    for c in (0.9, 0.5, 0.2, 0.1, 0.05):  # the same shrink on both sides, for comparison
+        assert best <= quant_error(x, x.min() * c, x.max() * c) * 1.02
+    # values all on one side keep 0 as their other end; a constant tensor its value
+    assert least_error_range(log_histogram(x.abs()))[0] == 0
+    assert least_error_range(log_histogram(torch.zeros(5))) == (0, 0)
+    lo, hi = least_error_range(log_histogram(torch.full((9,), 2.0)))
+    assert lo == 0 and hi == pytest.approx(2.0, rel=0.01)
+
+
+def test_a_long_tailed_point_gets_its_least_error_range():
     model = FACTORIES["llama"]()
     qs = Quantizers(model, StaticConfig())
-    obs, hooks = histograms(qs)
+    seen, hooks = histograms(qs)
     name = "0/mlp_down_proj:in"
     q = qs.quant[name]
-    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0)) - 0.5
-    x = -u.sign() * torch.log1p(-2 * u.abs())  # Laplace(0, 1): heavy tails, as activations
+    x = student_t(100_000)
     q(x)  # observing: min / max and the histogram
     minmax = (q.lo.item(), q.hi.item())
-    least_error_ranges(qs, {name: obs[name]})
-    q.mode = "quant"
-    err = (q(x) - x).pow(2).mean().item()
-    lo, hi = (torch.tensor(v) for v in minmax)
-    assert err < 0.5 * (fake_quant_static(x, lo, hi, 8) - x).pow(2).mean().item()
-    assert minmax[0] < q.lo.item() < 0 < q.hi.item() < minmax[1]
+    least_error_ranges(qs, {name: seen[name]})
     for h in hooks:
         h.remove()
+    assert minmax[0] < q.lo.item() < 0 < q.hi.item() < minmax[1]
+    q.mode = "quant"
+    err = (q(x.clone()) - x).pow(2).mean().item()  # fake quantization works in place
+    assert err < 0.9 * quant_error(x, *(torch.tensor(v) for v in minmax))
 
 
 def test_range_settings_by_method_and_bad_names():
@@ -201,6 +226,19 @@ def test_smoothing_lowers_static_w8a8_error():
     assert static_error(x, [w], grid, s, 8) < 0.5 * plain
     # the float product is unchanged by the scale
     assert torch.allclose((x / s) @ (w * s).T, x @ w.T, atol=1e-3)
+
+
+def test_the_alpha_search_scores_the_range_setting_it_will_get():
+    _, w = outlier_inputs()
+    x = student_t(512 * 64).view(512, 64)  # a long tail stretches the min/max step for the bulk
+    grid = [(QuantConfig(8, -1), False)]
+    ones = torch.ones(64)
+    minmax = static_error(x, [w], grid, ones, 8)
+    mse = static_error(x, [w], grid, ones, 8, ranges="mse")
+    assert mse < minmax  # the weights' own rounding error is in both
+    # 16-bit inputs keep min / max
+    a16 = static_error(x, [w], grid, ones, 16)
+    assert static_error(x, [w], grid, ones, 16, ranges="mse") == a16
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
