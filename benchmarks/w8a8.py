@@ -143,10 +143,9 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
 
     def record(model, config, method, seconds, extra=None):
+        # extra: the row's other fields (static knobs, training record)
         ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
         row = {"model": name, "config": config, "method": method, "seconds": round(seconds, 1)}
-        if method != "fp":
-            row |= static_knobs(method.split()[0], cfg)
         row |= {"ppl": ppl} | args.stamp | (extra or {})
         results["rows"][key(row)] = row
         save(path, results)
@@ -163,12 +162,13 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             if method == "mobilequant":
                 where, mcfg = args.load_trained, args.knobs
                 label, seconds, extra = mobilequant_row(model, tok, cfg, calib, where, mcfg)
-                record(model, config, label, seconds, extra)
+                record(model, config, label, seconds, static_knobs(method, cfg) | extra)
                 continue
             t0 = time.perf_counter()
             quantize_static(model, tok, method, cfg, calib)
-            label = method + static_label(method, static_knobs(method, cfg))
-            record(model, config, label, time.perf_counter() - t0)
+            knobs = static_knobs(method, cfg)
+            label = method + static_label(method, knobs)
+            record(model, config, label, time.perf_counter() - t0, knobs)
 
 
 def block_speed(name: str, threads: int, repeats: int) -> list[dict]:
@@ -224,6 +224,14 @@ def block_speed(name: str, threads: int, repeats: int) -> list[dict]:
     return rows
 
 
+def same_smoothing(rows: dict, mq: dict) -> dict | None:
+    """The SmoothQuant row a MobileQuant row started from: same model, config, alpha, ranges."""
+    fields = ("model", "config", "alpha", "ranges")
+    same = [r for r in rows.values() if r["method"].split()[0] == "smoothquant"
+            and all(r.get(k) == mq.get(k) for k in fields)]  # fmt: skip
+    return same[0] if len(same) == 1 else None
+
+
 def ppl(row: dict | None, text: str) -> float | None:
     return row["ppl"][text]["ppl"] if row else None
 
@@ -242,8 +250,7 @@ def checks(rows: dict) -> list[tuple[str, bool | str | None]]:
             mqs.sort(key=lambda r: sum(ppl(r, t) for t in TEXTS))
             for rank, mq in enumerate(mqs or [None]):
                 label = mq["method"] if mq else "mobilequant"
-                same = static_label("smoothquant", mq or {})
-                sq = rows.get(f"{name}|{config}|smoothquant{same}")  # the same alpha and ranges
+                sq = same_smoothing(rows, mq) if mq else None
                 for t in TEXTS:
                     what = f"{name} {config} {t}: {label} < SmoothQuant"
                     if mq is None or sq is None:

@@ -14,14 +14,14 @@ def alpha_arg(text: str) -> float | None:
 
 
 def add_static_args(p) -> None:
-    from edgequant.config import RANGES, MobileQuantConfig
+    from edgequant.config import RANGES, MobileQuantConfig, StaticConfig
 
     d = MobileQuantConfig()
     g = p.add_argument_group("integer-only methods (static-rtn, smoothquant, mobilequant)")
     g.add_argument("--a-bits", type=int, default=8, help="8 (the precision map) or 16")
     g.add_argument("--w-symmetric", action="store_true", help="W4: signed per-channel grid")
-    g.add_argument("--alpha", type=alpha_arg, default=0.5,
-                   help="SmoothQuant alpha, or 'search': per scale group (default 0.5)")  # fmt: skip
+    g.add_argument("--alpha", type=alpha_arg, default=StaticConfig().alpha,
+                   help="SmoothQuant alpha, or 'search' per scale group")  # fmt: skip
     g.add_argument("--ranges", choices=RANGES,
                    help="activation ranges: minmax, or mse (least squared error at 8-bit "
                    "points); default: static-rtn minmax, the others mse")  # fmt: skip

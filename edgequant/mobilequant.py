@@ -275,8 +275,10 @@ def _load_state(path, learn, qs, mcfg, device) -> dict:
         raise EdgequantError(f"{path} was saved with another MobileQuant configuration{hint}")
     static = static_record(qs.cfg)
     if {**STATIC_LEGACY, **state.get("static", static)} != static:
+        hint = " (states from before --ranges: --alpha search --ranges minmax)"
+        hint = hint if "ranges" not in state.get("static", {}) else ""
         raise EdgequantError(
-            f"{path} was saved with another static configuration: {state['static']}"
+            f"{path} was saved with another static configuration: {state.get('static')}{hint}"
         )
     learn.load_state_dict(state["learnables"])
     qs.load_state_dict(state["ranges"])

@@ -24,8 +24,8 @@ from edgequant.config import QuantConfig, StaticConfig
 from edgequant.primitives import fake_quant_static
 from edgequant.recipe import Recipe, apply_group
 from edgequant.static import (
+    float_histogram,
     least_error_range,
-    log_histogram,
     range_setting,
     static_weight,
     weight_config,
@@ -54,7 +54,8 @@ def static_error(
     xs = x / s
     lo, hi = xs.min(), xs.max()
     if ranges == "mse" and a_bits == 8:
-        lo, hi = (t.to(xs.device) for t in least_error_range(log_histogram(xs)))
+        lo, hi = (t.to(xs.device) for t in least_error_range(float_histogram(xs)))
+        lo, hi = lo.clamp(min=xs.min()), hi.clamp(max=xs.max())  # bin centres may lie beyond
     xq = fake_quant_static(xs, lo, hi, a_bits)
     refs = refs or [x @ w.T for w in ws]
     err = 0.0

@@ -244,40 +244,46 @@ METHOD_RANGES = {"static-rtn": "minmax", "smoothquant": "mse", "mobilequant": "m
 
 
 def range_setting(cfg: StaticConfig, method: str) -> str:
+    """How `method` sets activation ranges under `cfg`: its own default unless cfg names one."""
     return cfg.ranges or METHOD_RANGES[method]
 
 
-LOG2_SPAN = 24  # log histograms cover magnitudes 2^-24 .. 2^24 (beyond: the end bins)
-PER_OCTAVE = 64  # bins per doubling of magnitude: 1.1 % wide
+FLOAT_BINS = 1 << 14  # per sign: float32 exponent and top 6 mantissa bits, 1.6 % wide at most
 
 
-def log_histogram(x: torch.Tensor) -> torch.Tensor:
-    # x [...] -> counts [2, 2 LOG2_SPAN PER_OCTAVE] of its negative and positive values by
-    # magnitude, ascending on a log scale: one pass holds any range. Zeros round exactly and
-    # are not counted (one histc over sign(x) (log2|x| + span + 1) leaves them in the gap)
-    x = x.detach().flatten().float()
-    y = x.abs().clamp(min=2.0**-LOG2_SPAN, max=2.0**LOG2_SPAN).log2_()
-    y = y.add_(LOG2_SPAN + 1).mul_(x.sign())
-    top, side = 2 * LOG2_SPAN + 1, 2 * LOG2_SPAN * PER_OCTAVE
-    h = torch.histc(y, 2 * top * PER_OCTAVE, -top, top).cpu()
-    return torch.stack([h[:side].flip(0), h[-side:]])
+def float_histogram(x: torch.Tensor) -> torch.Tensor:
+    # x [...] -> int64 counts [2, FLOAT_BINS] of its negative and positive values by magnitude,
+    # ascending: the bins are the float32 bit patterns cut to sign, exponent and 6 mantissa
+    # bits, so one bincount holds any range, 64 bins per doubling of magnitude
+    code = (x.detach().float().flatten().view(torch.int32) >> 17) & (2 * FLOAT_BINS - 1)
+    counts = torch.bincount(code, minlength=2 * FLOAT_BINS).view(2, FLOAT_BINS)
+    return counts.flip(0)  # sign bit set (negative) first
+
+
+def bin_centres() -> torch.Tensor:
+    # -> [FLOAT_BINS] float64 magnitude at the centre of each bin; 0 for zeros, subnormals
+    # and inf / NaN (exponent 0 or 255), whose counts the search leaves out
+    k = torch.arange(FLOAT_BINS, dtype=torch.float64)
+    exp, mant = torch.div(k, 64, rounding_mode="floor"), k % 64
+    mags = torch.exp2(exp - 127) * (1 + (mant + 0.5) / 64)
+    return torch.where((exp > 0) & (exp < 255), mags, torch.zeros_like(mags))
 
 
 def least_error_range(
     counts: torch.Tensor, bits: int = 8, grid: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # counts [2, bins] a point's log histogram -> (lo, hi) scalars: among the min / max shrunk
-    # towards 0 in `grid` steps per side, the static range of least squared error: values
-    # outside are clipped to it, values inside cost step^2 / 12 of rounding
-    bins = counts.shape[1]
-    mags = torch.exp2((torch.arange(bins, dtype=torch.float64) + 0.5) / PER_OCTAVE - LOG2_SPAN)
-    v = torch.cat([-mags.flip(0), mags])  # [2 bins] ascending
-    w = torch.cat([counts[0].flip(0), counts[1]]).double()
+    # counts [2, FLOAT_BINS] a point's float histogram -> (lo, hi) scalars: among the min / max
+    # shrunk towards 0 in `grid` steps per side, the static range of least squared error:
+    # values outside are clipped to it, values within half a step of 0 round to 0 (0 is on
+    # the grid), the others cost step^2 / 12 of rounding
+    mags = bin_centres()
+    v = torch.cat([-mags.flip(0), mags])  # [2 FLOAT_BINS] ascending
+    w = torch.cat([counts[0].flip(0), counts[1]]).double().cpu() * (v != 0)
     zero = v.new_zeros(1)
     held = v[w > 0]
     if not len(held):  # nothing but zeros
         return zero[0].float(), zero[0].float()
-    cw, c1, c2 = (torch.cat([zero, (w * v**k).cumsum(0)]) for k in range(3))  # [2 bins + 1]
+    cw, c1, c2 = (torch.cat([zero, (w * v**k).cumsum(0)]) for k in range(3))  # [2 FLOAT_BINS + 1]
     c = torch.arange(grid, 0, -1, dtype=v.dtype) / grid  # 1 .. 1/grid
     los, his = held.min().clamp(max=0) * c, held.max().clamp(min=0) * c  # [grid] each
     below, upto = torch.searchsorted(v, los), torch.searchsorted(v, his, right=True)
@@ -285,14 +291,15 @@ def least_error_range(
     n = len(v)
     clip_hi = (c2[n] - c2[upto]) - 2 * his * (c1[n] - c1[upto]) + his.pow(2) * (cw[n] - cw[upto])
     step = (his[None, :] - los[:, None]) / (2**bits - 1)  # [grid lo, grid hi]
-    inside = cw[upto][None, :] - cw[below][:, None]
-    err = clip_lo[:, None] + clip_hi[None, :] + inside * step.pow(2) / 12
+    a, b = torch.searchsorted(v, -step / 2), torch.searchsorted(v, step / 2)  # rounds to 0
+    inside = cw[upto][None, :] - cw[below][:, None] - (cw[b] - cw[a])
+    err = clip_lo[:, None] + clip_hi[None, :] + inside * step.pow(2) / 12 + (c2[b] - c2[a])
     i, j = divmod(int(err.argmin()), grid)
     return los[i].float(), his[j].float()
 
 
 def histograms(qs: Quantizers) -> tuple[dict, list]:
-    """Hooks that add what each 8-bit point sees to its log histogram."""
+    """Hooks that add what each 8-bit point sees to its float histogram (on its device)."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for name, q in qs.quant.items():
@@ -300,7 +307,7 @@ def histograms(qs: Quantizers) -> tuple[dict, list]:
             continue
 
         def hook(mod, args, out, name=name):
-            h = log_histogram(args[0])
+            h = float_histogram(args[0])
             seen[name] = seen[name] + h if name in seen else h
 
         handles.append(q.register_forward_hook(hook))
@@ -309,12 +316,16 @@ def histograms(qs: Quantizers) -> tuple[dict, list]:
 
 @torch.no_grad()
 def observe_ranges(
-    model: nn.Module, qs: Quantizers, input_ids: torch.Tensor, batch: int = 8, ranges="minmax"
+    model: nn.Module,
+    qs: Quantizers,
+    input_ids: torch.Tensor,
+    batch: int = 8,
+    ranges: str = "minmax",
 ):
     """Run the calibration ids [N, T] through the model with every quantizer observing.
 
     ranges "minmax": each point's range is the min / max of what it saw. "mse": 8-bit points
-    take the range of least squared rounding plus clipping error (`least_error_range`) on a
+    take the range of least squared rounding plus clipping error (`least_error_range`) over a
     histogram of everything they saw, so a long tail no longer stretches the step for every
     other value; 16-bit points keep min / max (their step is already fine, and the residual
     stream's largest channels must not be clipped).

@@ -130,18 +130,20 @@ def test_windows_left_out_of_training_check_it(tmp_path, capsys):
     assert torch.equal(heldout_windows(ids, 4, count=2), ids[[1, 5]])
     assert len(heldout_windows(ids, 0)) == 0 and len(heldout_windows(ids, 8)) == 0
     path = tmp_path / "mq.pt"
-    model = smoothed("llama")
-    targets = float_targets(smoothed("llama"), arch_for(model), ids, 4)
-    train(model, ids, SCFG, replace(MCFG, windows=4), state_path=path)
+    # alpha searched: 4 windows of this tiny model train without overfitting (at 0.5 they do)
+    scfg = replace(SCFG, alpha=None)
+    model = FACTORIES["llama"]()
+    smoothquant(model, calib(), scfg)
+    targets = float_targets(model, arch_for(model), ids, 4)
+    train(model, ids, scfg, replace(MCFG, windows=4), state_path=path)
     direct = torch.nn.functional.mse_loss(last_hidden(model, arch_for(model), ids), targets)
     assert mean_loss(model, arch_for(model), ids, targets, 3) == pytest.approx(direct.item())
     held = torch.load(path, weights_only=True)["heldout"]
-    assert held["windows"] == 4 and held["start"] > 0 and held["end"] > 0
+    assert held["windows"] == 4 and held["end"] < held["start"]
     assert held["steps"] == held["total"] == MCFG.epochs
     out = capsys.readouterr().out
     assert f"loss on 4 calibration windows not trained on {held['start']:.4g} -> " in out
-    assert ("raised it" in out) == (held["end"] > held["start"])  # 4 windows may overfit
-    assert "steps" not in out.split("not trained on")[1]
+    assert "raised it" not in out and "steps" not in out.split("not trained on")[1]
 
 
 def test_the_check_of_an_early_stop_says_so_and_needs_no_saved_state(tmp_path, capsys):

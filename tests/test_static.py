@@ -10,10 +10,11 @@ from edgequant.recipe import Recipe, apply_recipe
 from edgequant.smoothquant import smooth_scale, smoothquant, static_error
 from edgequant.static import (
     Quantizers,
+    bin_centres,
+    float_histogram,
     histograms,
     least_error_range,
     least_error_ranges,
-    log_histogram,
     observe_ranges,
     quantize_weights,
     range_setting,
@@ -134,17 +135,38 @@ def quant_error(x, lo, hi, bits=8) -> float:
 
 def test_least_error_range_beats_min_max_and_every_range_of_its_grid():
     x = student_t(100_000)
-    lo, hi = least_error_range(log_histogram(x))
+    x = torch.where(x > 0, x * 3, x)  # asymmetric tails
+    lo, hi = least_error_range(float_histogram(x))
     assert x.min() < lo < 0 < hi < x.max()
     best = quant_error(x, lo, hi)
     assert best < 0.9 * quant_error(x, x.min(), x.max())
-    for c in (0.9, 0.5, 0.2, 0.1, 0.05):  # the same shrink on both sides, for comparison
-        assert best <= quant_error(x, x.min() * c, x.max() * c) * 1.02
-    # values all on one side keep 0 as their other end; a constant tensor its value
-    assert least_error_range(log_histogram(x.abs()))[0] == 0
-    assert least_error_range(log_histogram(torch.zeros(5))) == (0, 0)
-    lo, hi = least_error_range(log_histogram(torch.full((9,), 2.0)))
-    assert lo == 0 and hi == pytest.approx(2.0, rel=0.01)
+    c = torch.arange(100, 0, -1) / 100  # the search's grid: every (lo, hi) pair
+    others = [quant_error(x, x.min() * a, x.max() * b) for a in c[::3] for b in c[::3]]
+    assert best <= min(others) * 1.01
+
+
+def test_least_error_range_keeps_a_tail_that_a_peak_at_zero_cannot_pay_for():
+    # values within half a step of 0 round to 0 exactly: narrowing the range gains them nothing
+    peak = torch.rand(1_000_000, generator=torch.Generator().manual_seed(0)) * 1e-3
+    x = torch.cat([peak, torch.ones(5)])
+    lo, hi = least_error_range(float_histogram(x))
+    assert lo == 0 and hi == pytest.approx(1.0, rel=0.02)
+
+
+def test_float_histogram_counts_every_value_in_its_bin():
+    x = torch.tensor([0.0, -0.0, 1.0, 1.01, -3.0, 2.0**30, 1e-40])
+    counts = float_histogram(x)
+    assert counts.dtype == torch.int64 and counts.sum() == len(x)
+    centres = bin_centres()
+    for value in (1.0, 1.01, -3.0, 2.0**30):
+        side = int(value > 0)
+        k = counts[side].nonzero().flatten()
+        assert any(abs(centres[i] / abs(value) - 1) < 0.016 for i in k), value
+    assert float_histogram(torch.full((20_000_000,), 0.5)).sum() == 20_000_000  # past 2^24
+    assert least_error_range(float_histogram(x.abs()))[0] == 0
+    assert least_error_range(float_histogram(torch.zeros(5))) == (0, 0)
+    lo, hi = least_error_range(float_histogram(torch.full((9,), 2.0)))
+    assert lo == 0 and hi == pytest.approx(2.0, rel=0.02)
 
 
 def test_a_long_tailed_point_gets_its_least_error_range():
@@ -161,7 +183,7 @@ def test_a_long_tailed_point_gets_its_least_error_range():
         h.remove()
     assert minmax[0] < q.lo.item() < 0 < q.hi.item() < minmax[1]
     q.mode = "quant"
-    err = (q(x.clone()) - x).pow(2).mean().item()  # fake quantization works in place
+    err = (q(x) - x).pow(2).mean().item()
     assert err < 0.9 * quant_error(x, *(torch.tensor(v) for v in minmax))
 
 
@@ -228,7 +250,18 @@ def test_smoothing_lowers_static_w8a8_error():
     assert torch.allclose((x / s) @ (w * s).T, x @ w.T, atol=1e-3)
 
 
-def test_the_alpha_search_scores_the_range_setting_it_will_get():
+def test_the_alpha_search_scores_the_range_setting_it_will_get(monkeypatch):
+    import edgequant.smoothquant as sq
+
+    seen = []
+    scored = sq.static_error
+    monkeypatch.setattr(sq, "static_error", lambda *a: seen.append(a[-1]) or scored(*a))
+    for ranges in ("mse", "minmax", None):
+        seen.clear()
+        cfg = StaticConfig(alpha=None, alpha_grid=2, search_tokens=64, ranges=ranges)
+        smoothquant(FACTORIES["llama"](), ids(n=2), cfg)
+        assert seen and set(seen) == {ranges or "mse"}
+    monkeypatch.undo()
     _, w = outlier_inputs()
     x = student_t(512 * 64).view(512, 64)  # a long tail stretches the min/max step for the bulk
     grid = [(QuantConfig(8, -1), False)]
