@@ -64,3 +64,33 @@ def test_a_run_trained_here_records_its_loss_per_step(tokenizer, calib_file):
     (line,) = [x for x in w8a8.training_losses({"k": row}) if x.startswith("- m w8a8")]
     assert f"first step {losses[0]:.4g}" in line and "(2 steps)" in line
     assert f"not trained on {held['start']:.4g} before, {held['end']:.4g} after" in line
+
+
+def test_rows_name_static_knobs_off_their_defaults_and_pair_with_their_smoothquant(
+    monkeypatch,
+):
+    from edgequant.config import StaticConfig
+
+    default = w8a8.static_knobs("smoothquant", StaticConfig())
+    assert default == {"alpha": 0.5, "ranges": "mse"}
+    assert w8a8.static_label("smoothquant", default) == ""
+    old = w8a8.static_knobs("mobilequant", StaticConfig(alpha=None, ranges="minmax"))
+    assert w8a8.static_label("mobilequant", old) == " alpha=search ranges=minmax"
+    rtn = w8a8.static_knobs("static-rtn", StaticConfig())
+    assert rtn == {"ranges": "minmax"} and w8a8.static_label("static-rtn", rtn) == ""
+
+    def row(method, knobs, austen):
+        ppl = {t: {"ppl": austen} for t in w8a8.TEXTS}
+        return {"model": "m", "config": "w8a8", "method": method, "ppl": ppl} | knobs
+
+    rows = {
+        "fp": row("fp", {}, 10.0) | {"config": "fp"},
+        "sq": row("smoothquant", default, 12.0),
+        "sq-old": row("smoothquant alpha=search ranges=minmax", old, 20.0),
+        "mq-old": row("mobilequant alpha=search ranges=minmax", old, 15.0),
+    }
+    assert w8a8.same_smoothing(rows, rows["mq-old"]) is rows["sq-old"]
+    rows = {f"m|{r['config']}|{r['method']}": r for r in rows.values()}
+    monkeypatch.setattr(w8a8, "MODELS", ("m",))
+    (line,) = [t for t, ok in w8a8.checks(rows) if t.startswith("m w8a8 austen")]
+    assert "(15.000 vs 20.000)" in line  # against the SmoothQuant it started from, not 12
