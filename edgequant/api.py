@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -94,6 +94,7 @@ def quantize_static(
     cfg, calib = cfg or StaticConfig(), calib or CalibConfig()
     if method not in STATIC_METHODS:
         raise EdgequantError(f"unknown method {method!r}; choose from {', '.join(STATIC_METHODS)}")
+    cfg = replace(cfg, ranges=range_setting(cfg, method))  # what checkpoints record
     from edgequant.arch import arch_for
 
     if not arch_for(model).act_points:
@@ -105,7 +106,7 @@ def quantize_static(
         return train(model, ids, cfg, mcfg, state_path)[0], recipe
     quantize_weights(model, cfg)
     qs = Quantizers(model, cfg)
-    observe_ranges(model, qs, ids, ranges=range_setting(cfg, method))
+    observe_ranges(model, qs, ids, ranges=cfg.ranges)
     return qs, recipe
 
 

@@ -305,6 +305,7 @@ def test_quantize_static_api(method, tokenizer, calib_file):
         model, tokenizer, method, StaticConfig(), calib, MobileQuantConfig(epochs=1)
     )
     assert (recipe is None) == (method == "static-rtn")
+    assert qs.cfg.ranges == ("minmax" if method == "static-rtn" else "mse")  # resolved
     out = logits(model, x)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
     assert all(q.mode == "quant" for q in qs.quant.values())

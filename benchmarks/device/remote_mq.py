@@ -3,6 +3,9 @@
 15 MB (the device returns files of at most 16 MB).
 
     JOBS='[["smollm2-135m", 8, {}, "smol-w8a8"]]' python3 benchmarks/device/remote_mq.py BUNDLE
+
+A job may add a fifth entry, StaticConfig fields: [..., "tag", {"alpha": null, "ranges": "minmax"}]
+(null alpha: the per-group search).
 """
 
 import json
@@ -23,13 +26,15 @@ from edgequant.mobilequant import static_record, train  # noqa: E402
 from edgequant.smoothquant import smoothquant  # noqa: E402
 
 OUT = "/tmp/mqout"
-JOBS = json.loads(os.environ["JOBS"])  # [[model, w_bits, {MobileQuantConfig fields}, tag]]
+# [[model, w_bits, {MobileQuantConfig fields}, tag, optional {StaticConfig fields}]]
+JOBS = json.loads(os.environ["JOBS"])
 
 if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
-    for name, w_bits, kw, tag in JOBS:
+    for name, w_bits, kw, tag, *static in JOBS:
         model, ids = build(name, sys.argv[1])
-        scfg, mcfg = StaticConfig(w_bits=w_bits), MobileQuantConfig(**kw)
+        scfg = StaticConfig(w_bits=w_bits, **(static[0] if static else {}))
+        mcfg = MobileQuantConfig(**kw)
         out = os.path.join(OUT, tag)
         os.makedirs(out, exist_ok=True)
         t0 = time.perf_counter()
