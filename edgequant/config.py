@@ -186,6 +186,9 @@ class MobileQuantConfig:
     lr_scale: float = 3e-3
     lr_clip: float = 3e-2
     lr_range: float = 3e-3
+    # learn the ranges of 16-bit points too (their rounding is already fine; learning can
+    # clip the residual stream's largest values)
+    learn_a16: bool = True
     clip_per_channel: bool = True
     clip_init: float = 4.0
     min_scale: float = 1e-2

@@ -95,11 +95,12 @@ class Learnables(nn.Module):
 
     def groups(self, ranges: list[nn.Parameter], mcfg: MobileQuantConfig) -> list[dict]:
         clips = [p for w in self.weights.values() for p in (w.lo_logit, w.hi_logit)]
-        return [
+        groups = [
             {"params": list(self.scales.values()), "lr": mcfg.lr_scale},
             {"params": clips, "lr": mcfg.lr_clip},
             {"params": ranges, "lr": mcfg.lr_range},
         ]
+        return [g for g in groups if g["params"]]
 
 
 def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQuantConfig):
@@ -145,7 +146,8 @@ def bake(model: nn.Module, keep: bool = True) -> None:
                 parametrize.remove_parametrizations(m, name, leave_parametrized=keep)
 
 
-LEGACY = {"windows": 0}  # MobileQuantConfig knobs added later -> what older states ran with
+# MobileQuantConfig knobs added later -> what older states ran with
+LEGACY = {"windows": 0, "learn_a16": True}
 STATIC_LEGACY = {"ranges": "minmax"}  # the same for StaticConfig
 
 
@@ -353,7 +355,8 @@ def _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps
     ranges = []
     for q in qs.quant.values():
         q.relative(True)
-        ranges += [q.lo.requires_grad_(True), q.hi.requires_grad_(True)]
+        if q.bits < 16 or mcfg.learn_a16:
+            ranges += [q.lo.requires_grad_(True), q.hi.requires_grad_(True)]
     opt = torch.optim.AdamW(learn.groups(ranges, mcfg), weight_decay=0.0)
     per_epoch, total = _steps(len(input_ids), mcfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
