@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -34,6 +35,8 @@ def add_static_args(p) -> None:
     for name, what in lrs.items():
         g.add_argument(f"--lr-{name}", type=float, default=getattr(d, f"lr_{name}"),
                        help=f"MobileQuant learning rate of the {what}")  # fmt: skip
+    g.add_argument("--learn-a16", action=argparse.BooleanOptionalAction, default=d.learn_a16,
+                   help="MobileQuant: also learn the ranges of 16-bit points")  # fmt: skip
     g.add_argument("--state", metavar="FILE", help="MobileQuant: save / resume training here")
 
 
@@ -53,6 +56,7 @@ def cmd_quantize_static(a):
         lr_scale=a.lr_scale,
         lr_clip=a.lr_clip,
         lr_range=a.lr_range,
+        learn_a16=a.learn_a16,
         seed=a.seed,
     )
     calib = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
