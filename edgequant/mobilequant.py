@@ -3,9 +3,10 @@
 Starting from SmoothQuant, three kinds of parameters are trained jointly through the whole
 fake-quantized model: the equivalent-transformation scales of SmoothQuant's pairs (each a
 per-channel s dividing the previous op's output and multiplying the group's weight columns),
-the weight clipping (sigmoid(logit) times the weight's min and max) and every static
-activation range. Weights are parametrized (torch.nn.utils.parametrize), so the float
-weights stay untouched until `bake` writes the learned, quantized ones. The loss is the MSE
+the weight clipping (sigmoid(logit) times the weight's min and max) and the static
+activation ranges (8-bit points; 16-bit ones too with learn_a16). Weights are parametrized
+(torch.nn.utils.parametrize), so the float weights stay untouched until `bake` writes the
+learned, quantized ones. The loss is the MSE
 of the last hidden state (after the final norm) against the float model's on the same
 calibration windows.
 """
