@@ -83,9 +83,9 @@ def quantize_static(
 
     SmoothQuant's scales are folded first (methods "smoothquant", "mobilequant"); then either
     the weights are rounded onto their static grids and every activation range observed on
-    the calibration set, or (mobilequant) scales, clipping and ranges are trained end to end
-    (resumable through `state_path`). Returns (Quantizers: the attached quantizers and their
-    range table, the SmoothQuant Recipe or None).
+    the calibration set, or (mobilequant) scales, clipping and the 8-bit ranges are trained
+    end to end (resumable through `state_path`). Returns (Quantizers: the attached quantizers
+    and their range table, the SmoothQuant Recipe or None).
     """
     from edgequant.mobilequant import train
     from edgequant.smoothquant import smoothquant

@@ -96,12 +96,11 @@ class Learnables(nn.Module):
 
     def groups(self, ranges: list[nn.Parameter], mcfg: MobileQuantConfig) -> list[dict]:
         clips = [p for w in self.weights.values() for p in (w.lo_logit, w.hi_logit)]
-        groups = [
+        return [
             {"params": list(self.scales.values()), "lr": mcfg.lr_scale},
             {"params": clips, "lr": mcfg.lr_clip},
             {"params": ranges, "lr": mcfg.lr_range},
         ]
-        return [g for g in groups if g["params"]]
 
 
 def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQuantConfig):
@@ -271,11 +270,12 @@ def _load_state(path, learn, qs, mcfg, device) -> dict:
     except Exception as e:  # torch raises several types for truncated or foreign files
         raise EdgequantError(f"cannot read MobileQuant state {path}: {e}") from None
     # states saved before a knob existed ran with its neutral value
-    saved = {**LEGACY, **state.get("config", {})}
-    if saved != asdict(mcfg):
-        hint = " (states from before --windows trained on every window: --windows 0)"
-        hint = hint if "windows" not in state.get("config", {}) else ""
-        raise EdgequantError(f"{path} was saved with another MobileQuant configuration{hint}")
+    saved, now = {**LEGACY, **state.get("config", {})}, asdict(mcfg)
+    if saved != now:
+        diff = ", ".join(
+            f"{k}={saved.get(k)} (now {v})" for k, v in now.items() if saved.get(k) != v
+        )
+        raise EdgequantError(f"{path} was saved with another MobileQuant configuration: {diff}")
     static = static_record(qs.cfg)
     if {**STATIC_LEGACY, **state.get("static", static)} != static:
         hint = " (states from before --ranges: --alpha search --ranges minmax)"
@@ -310,7 +310,7 @@ def train(
     subset of the windows, up to 8 of the others check it: their loss before and after
     training is reported (and added to a saved state as "heldout"). Their activations did
     count towards the starting ranges, observed on every window. At the end the weights are
-    baked; returns the quantizers (ranges learned, quantizing) and the loss per step.
+    baked; returns the quantizers (ranges as trained, quantizing) and the loss per step.
     If training fails, the model is left as it came (float weights, no quantizers).
     """
     spec = arch_for(model)
@@ -355,8 +355,8 @@ def _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps
     """The training loop (see `train`); returns the loss of every step, resumed ones included."""
     ranges = []
     for q in qs.quant.values():
-        q.relative(True)
-        if q.bits < 16 or mcfg.learn_a16:
+        if q.bits < 16 or mcfg.learn_a16:  # the others keep their observed range bit for bit
+            q.relative(True)
             ranges += [q.lo.requires_grad_(True), q.hi.requires_grad_(True)]
     opt = torch.optim.AdamW(learn.groups(ranges, mcfg), weight_decay=0.0)
     per_epoch, total = _steps(len(input_ids), mcfg)
@@ -390,7 +390,7 @@ def _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps
 def apply_trained(model: nn.Module, scfg: StaticConfig, mcfg: MobileQuantConfig, state_path):
     """Re-apply a saved training state to the smoothed float model it was trained from.
 
-    The weights are baked and every range set as learned; returns the quantizers, quantizing.
+    The weights are baked and every range set as trained; returns the quantizers, quantizing.
     """
     spec = arch_for(model)
     learn = attach(model, spec, scfg, mcfg)

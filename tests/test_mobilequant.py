@@ -130,12 +130,9 @@ def test_windows_left_out_of_training_check_it(tmp_path, capsys):
     assert torch.equal(heldout_windows(ids, 4, count=2), ids[[1, 5]])
     assert len(heldout_windows(ids, 0)) == 0 and len(heldout_windows(ids, 8)) == 0
     path = tmp_path / "mq.pt"
-    # alpha searched: 4 windows of this tiny model train without overfitting (at 0.5 they do)
-    scfg = replace(SCFG, alpha=None)
-    model = FACTORIES["llama"]()
-    smoothquant(model, calib(), scfg)
+    model = smoothed("llama")  # the 16-bit ranges kept: 4 windows train without overfitting
     targets = float_targets(model, arch_for(model), ids, 4)
-    train(model, ids, scfg, replace(MCFG, windows=4), state_path=path)
+    train(model, ids, SCFG, replace(MCFG, windows=4), state_path=path)
     direct = torch.nn.functional.mse_loss(last_hidden(model, arch_for(model), ids), targets)
     assert mean_loss(model, arch_for(model), ids, targets, 3) == pytest.approx(direct.item())
     held = torch.load(path, weights_only=True)["heldout"]
@@ -162,6 +159,17 @@ def test_a_state_saved_before_the_windows_knob_still_loads(tmp_path):
     assert apply_trained(smoothed("llama"), SCFG, every, path).table() == qs.table()
     with pytest.raises(EdgequantError, match="another MobileQuant configuration"):
         apply_trained(smoothed("llama"), SCFG, replace(MCFG, windows=4), path)
+
+
+def test_a_state_saved_before_the_learn_a16_knob_loads_as_learning_them(tmp_path):
+    path, every = tmp_path / "mq.pt", replace(MCFG, learn_a16=True)
+    qs, _ = train(smoothed("llama"), calib(), SCFG, every, state_path=path, max_steps=2)
+    state = torch.load(path, weights_only=True)
+    del state["config"]["learn_a16"]  # as written by earlier versions: every range trained
+    torch.save(state, path)
+    assert apply_trained(smoothed("llama"), SCFG, every, path).table() == qs.table()
+    with pytest.raises(EdgequantError, match="learn_a16=True \\(now False\\)"):
+        apply_trained(smoothed("llama"), SCFG, MCFG, path)
 
 
 def test_a_state_saved_before_the_ranges_setting_loads_as_minmax(tmp_path):

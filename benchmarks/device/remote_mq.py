@@ -33,7 +33,9 @@ if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
     for name, w_bits, kw, tag, *static in JOBS:
         model, ids = build(name, sys.argv[1])
-        scfg = StaticConfig(w_bits=w_bits, **(static[0] if static else {}))
+        if len(static) > 1:
+            raise SystemExit(f"job {tag}: at most one dict of StaticConfig fields")
+        scfg = StaticConfig(**{"w_bits": w_bits, **(static[0] if static else {})})
         mcfg = MobileQuantConfig(**kw)
         out = os.path.join(OUT, tag)
         os.makedirs(out, exist_ok=True)
