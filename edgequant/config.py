@@ -171,9 +171,9 @@ class MobileQuantConfig:
     per output channel or per tensor, logits initialised to clip_init) and the activation
     ranges (relative to their observed width; 8-bit points, and 16-bit ones with
     learn_a16). Loss: MSE of the last hidden state against the float model's on the same
-    calibration windows. AdamW without weight decay, one learning
-    rate per parameter group, cosine decay. Defaults fit a 2-core CPU; the paper trains
-    1024 x 2048 tokens for 60 epochs.
+    calibration windows. AdamW without weight decay, one learning rate per parameter group,
+    cosine decay. Defaults fit a 2-core CPU; the paper trains 1024 x 2048 tokens for 60
+    epochs.
     """
 
     epochs: int = 2

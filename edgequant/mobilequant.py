@@ -6,9 +6,8 @@ per-channel s dividing the previous op's output and multiplying the group's weig
 the weight clipping (sigmoid(logit) times the weight's min and max) and the static
 activation ranges (8-bit points; 16-bit ones too with learn_a16). Weights are parametrized
 (torch.nn.utils.parametrize), so the float weights stay untouched until `bake` writes the
-learned, quantized ones. The loss is the MSE
-of the last hidden state (after the final norm) against the float model's on the same
-calibration windows.
+learned, quantized ones. The loss is the MSE of the last hidden state (after the final norm)
+against the float model's on the same calibration windows.
 """
 
 from __future__ import annotations
