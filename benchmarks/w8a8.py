@@ -28,7 +28,7 @@ from provenance import measured_on, stamp
 from edgequant.api import quantize_static
 from edgequant.cli_static import alpha_arg
 from edgequant.config import RANGES, CalibConfig, MobileQuantConfig, StaticConfig
-from edgequant.data import calibration_ids, evaluation_ids, get_source
+from edgequant.data import bos_prefix, calibration_ids, evaluation_ids, get_source
 from edgequant.errors import EdgequantError
 from edgequant.evaluate import perplexity
 from edgequant.io import atomic_write_text
@@ -58,11 +58,14 @@ def mobilequant_label(mcfg: MobileQuantConfig) -> str:
     return "mobilequant" + "".join(f" {k}={v}" for k, v in sorted(diff.items()))
 
 
-def static_knobs(method: str, cfg: StaticConfig) -> dict:
-    """The row's SmoothQuant alpha ("search" for the grid search) and activation ranges."""
+def static_knobs(method: str, cfg: StaticConfig, tok) -> dict:
+    """The row's SmoothQuant alpha ("search" for the grid search), activation ranges and,
+    for a tokenizer that adds BOS, whether calibration windows start with it."""
     knobs = {"ranges": range_setting(cfg, method)}
     if method != "static-rtn":  # no smoothing
         knobs["alpha"] = "search" if cfg.alpha is None else cfg.alpha
+    if bos_prefix(tok) is not None:
+        knobs["calib_bos"] = cfg.calib_bos
     return knobs
 
 
@@ -73,6 +76,8 @@ def static_label(method: str, knobs: dict) -> str:
         label += f" alpha={knobs['alpha']}"
     if knobs.get("ranges", METHOD_RANGES[method]) != METHOD_RANGES[method]:
         label += f" ranges={knobs['ranges']}"
+    if knobs.get("calib_bos", StaticConfig().calib_bos) != StaticConfig().calib_bos:
+        label += f" calib_bos={knobs['calib_bos']}"
     return label
 
 
@@ -120,7 +125,7 @@ def mobilequant_row(
             quantize_static(model, tok, "mobilequant", cfg, calib, mcfg, state_path=state)
             seconds = time.perf_counter() - t0
             saved = torch.load(state, weights_only=True)
-        label = mobilequant_label(mcfg) + static_label(mq, static_knobs(mq, cfg))
+        label = mobilequant_label(mcfg) + static_label(mq, static_knobs(mq, cfg, tok))
         return label, seconds, training_record(saved["losses"], saved)
     run = json.loads((where / "run.json").read_text())
     if {**STATIC_LEGACY, **run["static"]} != static_record(cfg):
@@ -133,7 +138,7 @@ def mobilequant_row(
         info["sharing"] = run["sharing"]
     saved = torch.load(where / "mobilequant.pt", weights_only=True)
     extra = training_record(run.get("losses", []), saved) | {"trained_on": info}
-    label = mobilequant_label(mcfg) + static_label(mq, static_knobs(mq, cfg))
+    label = mobilequant_label(mcfg) + static_label(mq, static_knobs(mq, cfg, tok))
     return label, run["seconds"], extra
 
 
@@ -155,6 +160,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
         record(model, "fp", "fp", 0.0)
     for config in args.configs:
         cfg = replace(CONFIGS[config], ranges=args.ranges, alpha=args.alpha)
+        cfg = replace(cfg, calib_bos=args.calib_bos)
         for method in args.methods:
             if method == "fp":
                 continue
@@ -162,11 +168,11 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             if method == "mobilequant":
                 where, mcfg = args.load_trained, args.knobs
                 label, seconds, extra = mobilequant_row(model, tok, cfg, calib, where, mcfg)
-                record(model, config, label, seconds, static_knobs(method, cfg) | extra)
+                record(model, config, label, seconds, static_knobs(method, cfg, tok) | extra)
                 continue
             t0 = time.perf_counter()
             quantize_static(model, tok, method, cfg, calib)
-            knobs = static_knobs(method, cfg)
+            knobs = static_knobs(method, cfg, tok)
             label = method + static_label(method, knobs)
             record(model, config, label, time.perf_counter() - t0, knobs)
 
@@ -225,8 +231,9 @@ def block_speed(name: str, threads: int, repeats: int) -> list[dict]:
 
 
 def same_smoothing(rows: dict, mq: dict) -> dict | None:
-    """The SmoothQuant row a MobileQuant row started from: same model, config, alpha, ranges."""
-    fields = ("model", "config", "alpha", "ranges")
+    """The SmoothQuant row a MobileQuant row started from: same model, config, alpha, ranges
+    and calibration windows."""
+    fields = ("model", "config", "alpha", "ranges", "calib_bos")
     same = [r for r in rows.values() if r["method"].split()[0] == "smoothquant"
             and all(r.get(k) == mq.get(k) for k in fields)]  # fmt: skip
     return same[0] if len(same) == 1 else None
@@ -366,6 +373,9 @@ def main() -> None:
     p.add_argument("--ranges", choices=RANGES, help="activation ranges (default: each method's)")
     p.add_argument("--alpha", type=alpha_arg, default=StaticConfig().alpha,
                    help="SmoothQuant alpha, or 'search' (default 0.5)")  # fmt: skip
+    p.add_argument("--calib-bos", action=argparse.BooleanOptionalAction,
+                   default=StaticConfig().calib_bos,
+                   help="calibration windows start with BOS if the tokenizer adds it")  # fmt: skip
     p.add_argument("--out", type=Path, default=RESULTS / "w8a8.json")
     p.add_argument("--speed", action="store_true", help="only the ONNX Runtime block timing")
     p.add_argument("--threads", type=int, default=2)
@@ -386,7 +396,8 @@ def main() -> None:
     results["protocol"] = (
         f"Perplexity: first {args.max_windows} non-overlapping 2048-token windows of each text "
         "(austen = Pride and Prejudice; pydocs = held-out reference/ and faq/). Calibration and "
-        f"training: pydocs, {args.n_samples} x {args.seqlen} tokens, seed 0. Weights W8 "
+        f"training: pydocs, {args.n_samples} x {args.seqlen} tokens, seed 0 (starting with BOS "
+        "where the tokenizer adds it, unless a row says calib_bos=False). Weights W8 "
         "per-tensor (down_proj per-channel) or W4 per-channel, asymmetric; activations static "
         "per-tensor asymmetric on the precision map (8-bit linear inputs/outputs and KV cache, "
         "16-bit residual stream, o/down outputs and softmax). FP = the GGUF weights "

@@ -99,7 +99,7 @@ def quantize_static(
 
     if not arch_for(model).act_points:
         raise EdgequantError(f"no precision map for {arch_for(model).name} models (integer-only)")
-    ids = _calibration(model, tokenizer, calib)
+    ids = _calibration(model, tokenizer, calib, bos=cfg.calib_bos)
     recipe = smoothquant(model, ids, cfg) if method != "static-rtn" else None
     if method == "mobilequant":
         mcfg = mobilequant or MobileQuantConfig()
@@ -110,11 +110,11 @@ def quantize_static(
     return qs, recipe
 
 
-def _calibration(model: nn.Module, tokenizer, calib: CalibConfig):
-    # -> calibration ids [n_samples, seqlen] on the model's device
+def _calibration(model: nn.Module, tokenizer, calib: CalibConfig, bos: bool = False):
+    # -> calibration ids [n_samples, seqlen] on the model's device (BOS first: see calibration_ids)
     from edgequant.data import calibration_ids
 
-    return calibration_ids(tokenizer, calib).to(next(model.parameters()).device)
+    return calibration_ids(tokenizer, calib, bos=bos).to(next(model.parameters()).device)
 
 
 def quantize(model_name: str, method: str = "awq", **kw):

@@ -15,7 +15,7 @@ def alpha_arg(text: str) -> float | None:
 
 
 def add_static_args(p) -> None:
-    from edgequant.config import RANGES, MobileQuantConfig, StaticConfig
+    from edgequant.config import LOSSES, RANGES, MobileQuantConfig, StaticConfig
 
     d = MobileQuantConfig()
     g = p.add_argument_group("integer-only methods (static-rtn, smoothquant, mobilequant)")
@@ -26,6 +26,9 @@ def add_static_args(p) -> None:
     g.add_argument("--ranges", choices=RANGES,
                    help="activation ranges: minmax, or mse (least squared error at 8-bit "
                    "points); default: static-rtn minmax, the others mse")  # fmt: skip
+    g.add_argument("--calib-bos", action=argparse.BooleanOptionalAction,
+                   default=StaticConfig().calib_bos,
+                   help="calibration windows start with BOS if the tokenizer adds it")  # fmt: skip
     g.add_argument("--epochs", type=int, default=d.epochs, help="MobileQuant training epochs")
     g.add_argument("--batch", type=int, default=d.batch, help="MobileQuant windows per step")
     g.add_argument("--windows", type=int, default=d.windows,
@@ -37,6 +40,9 @@ def add_static_args(p) -> None:
                        help=f"MobileQuant learning rate of the {what}")  # fmt: skip
     g.add_argument("--learn-a16", action=argparse.BooleanOptionalAction, default=d.learn_a16,
                    help="MobileQuant: also learn the ranges of 16-bit points")  # fmt: skip
+    g.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="MobileQuant: last hidden state error weighted by the lm_head's "
+                   "Fisher information (fisher) or plain MSE (hidden)")  # fmt: skip
     g.add_argument("--state", metavar="FILE", help="MobileQuant: save / resume training here")
 
 
@@ -47,7 +53,12 @@ def cmd_quantize_static(a):
     from edgequant.zoo import load
 
     cfg = StaticConfig(
-        w_bits=a.w_bits, a_bits=a.a_bits, w_symmetric=a.w_symmetric, alpha=a.alpha, ranges=a.ranges
+        w_bits=a.w_bits,
+        a_bits=a.a_bits,
+        w_symmetric=a.w_symmetric,
+        alpha=a.alpha,
+        ranges=a.ranges,
+        calib_bos=a.calib_bos,
     )
     mcfg = MobileQuantConfig(
         epochs=a.epochs,
@@ -57,6 +68,7 @@ def cmd_quantize_static(a):
         lr_clip=a.lr_clip,
         lr_range=a.lr_range,
         learn_a16=a.learn_a16,
+        loss=a.loss,
         seed=a.seed,
     )
     calib = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)

@@ -172,17 +172,38 @@ def get_source(spec: str) -> TextSource:
     )
 
 
+def bos_prefix(tokenizer) -> int | None:
+    """The BOS id if the tokenizer adds it on its own, else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
 def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def calibration_ids(tokenizer, cfg: CalibConfig, source: TextSource | None = None) -> torch.Tensor:
+def calibration_ids(
+    tokenizer, cfg: CalibConfig, source: TextSource | None = None, bos: bool = False
+) -> torch.Tensor:
     """Seeded sample of cfg.n_samples windows of cfg.seqlen tokens -> LongTensor [n, seqlen].
 
     Documents are visited in a seeded order; each gives one window per round (at a seeded
-    offset), so samples spread over as many documents as possible.
+    offset), so samples spread over as many documents as possible. With `bos`, and a
+    tokenizer that starts every sequence with BOS, each window is BOS + its first
+    seqlen - 1 tokens, shaped like the sequences the model runs on.
     """
-    source = source or get_source(cfg.source)
+    ids = _sample(tokenizer, cfg, source or get_source(cfg.source))
+    start = bos_prefix(tokenizer) if bos else None
+    if start is not None:
+        ids = torch.cat([torch.full((len(ids), 1), start), ids[:, :-1]], 1)
+    return ids
+
+
+def _sample(tokenizer, cfg: CalibConfig, source: TextSource) -> torch.Tensor:
+    # -> [cfg.n_samples, cfg.seqlen] text token ids (see calibration_ids)
     rng = random.Random(cfg.seed)
     order = list(range(len(source.calibration)))
     rng.shuffle(order)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgequant.data import bos_prefix
 from edgequant.errors import EdgequantError
 
 
@@ -29,15 +30,6 @@ class Perplexity:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def bos_prefix(tokenizer) -> int | None:
-    """The BOS id if the tokenizer adds it on its own, else None."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return bos if ids and ids[0] == bos else None
 
 
 def context_length(model: nn.Module) -> int | None:

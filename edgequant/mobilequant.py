@@ -6,8 +6,8 @@ per-channel s dividing the previous op's output and multiplying the group's weig
 the weight clipping (sigmoid(logit) times the weight's min and max) and the static
 activation ranges (8-bit points; 16-bit ones too with learn_a16). Weights are parametrized
 (torch.nn.utils.parametrize), so the float weights stay untouched until `bake` writes the
-learned, quantized ones. The loss is the MSE of the last hidden state (after the final norm)
-against the float model's on the same calibration windows.
+learned, quantized ones. The loss compares the last hidden state (after the final norm)
+with the float model's on the same calibration windows (edgequant.objective).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import math
 from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
@@ -25,8 +24,20 @@ from edgequant.arch import ArchSpec, arch_for, blocks_of, fold_index
 from edgequant.config import MobileQuantConfig, QuantConfig, StaticConfig
 from edgequant.errors import EdgequantError
 from edgequant.io import atomic_path
-from edgequant.primitives import fake_quant_static, fake_quant_sym
+from edgequant.objective import objective
+from edgequant.primitives import fake_quant_static, fake_quant_sym, least_error_clip
 from edgequant.static import Quantizers, observe_ranges, range_setting, weight_config
+
+CLIP_GRID = 29  # clipping ratios searched, from sigmoid(clip_init) down to 30 % of it
+
+
+def clip_logits(w: torch.Tensor, qcfg: QuantConfig, mcfg, per_row: bool) -> torch.Tensor:
+    # w [rows, n] weight rows, each on its own grid -> [rows or 1, 1] clipping logits at the
+    # ratio of least squared rounding error
+    top = torch.sigmoid(torch.tensor(mcfg.clip_init)).item()
+    ratios = top * torch.linspace(1.0, 0.3, CLIP_GRID)
+    r = least_error_clip(w, qcfg.bits, qcfg.zero_point, ratios, per_row)
+    return torch.logit(r.clamp(max=top)).to(w.device)
 
 
 class EffectiveWeight(nn.Module):
@@ -36,8 +47,11 @@ class EffectiveWeight(nn.Module):
         super().__init__()
         self.qcfg, self.per_channel, self.min_scale = qcfg, per_channel, mcfg.min_scale
         rows = w.shape[0] if per_channel and mcfg.clip_per_channel else 1
-        self.lo_logit = nn.Parameter(torch.full((rows, 1), mcfg.clip_init, device=w.device))
-        self.hi_logit = nn.Parameter(torch.full((rows, 1), mcfg.clip_init, device=w.device))
+        logit = torch.full((rows, 1), mcfg.clip_init, device=w.device)
+        if mcfg.clip_search:
+            logit = clip_logits(w if per_channel else w.reshape(1, -1), qcfg, mcfg, rows > 1)
+        self.lo_logit = nn.Parameter(logit.clone())
+        self.hi_logit = nn.Parameter(logit.clone())
         self.s_in: nn.Parameter | None = None  # shared with the group; set by `attach`
         self.s_out: nn.Parameter | None = None
 
@@ -146,43 +160,13 @@ def bake(model: nn.Module, keep: bool = True) -> None:
 
 
 # MobileQuantConfig knobs added later -> what older states ran with
-LEGACY = {"windows": 0, "learn_a16": True}
-STATIC_LEGACY = {"ranges": "minmax"}  # the same for StaticConfig
+LEGACY = {"windows": 0, "learn_a16": True, "loss": "hidden", "clip_search": False}
+STATIC_LEGACY = {"ranges": "minmax", "calib_bos": False}  # the same for StaticConfig
 
 
 def static_record(cfg: StaticConfig) -> dict:
     """The static configuration as a state records it: the range setting resolved."""
     return asdict(cfg) | {"ranges": range_setting(cfg, "mobilequant")}
-
-
-class _Stop(Exception):
-    pass
-
-
-def last_hidden(model: nn.Module, spec: ArchSpec, ids: torch.Tensor) -> torch.Tensor:
-    # ids [B, T] -> [B, T, H], the final norm's output (the model's lm_head never runs)
-    caught = []
-
-    def hook(module, args, out):
-        caught.append(out)
-        raise _Stop
-
-    norm = model.get_submodule(spec.decode.final_norm)
-    handle = norm.register_forward_hook(hook)
-    try:
-        model(ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return caught[0].float()
-
-
-@torch.no_grad()
-def float_targets(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch: int):
-    # ids [N, T] -> [N, T, H] float model's last hidden states
-    starts = range(0, len(ids), batch)
-    return torch.cat([last_hidden(model, spec, ids[k : k + batch]) for k in starts])
 
 
 def _spaced(n: int, k: int) -> list[int]:
@@ -207,16 +191,6 @@ def heldout_windows(input_ids: torch.Tensor, windows: int, count: int = 8) -> to
     used = set(_spaced(n, windows))
     rest = [i for i in range(n) if i not in used]
     return input_ids[[rest[i] for i in _spaced(len(rest), min(count, len(rest)))]]
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, targets, batch: int) -> float:
-    # ids [N, T], targets [N, T, H] -> the training loss (MSE of the last hidden state) over N
-    total = 0.0
-    for k in range(0, len(ids), batch):
-        out = last_hidden(model, spec, ids[k : k + batch])
-        total += F.mse_loss(out, targets[k : k + batch], reduction="sum").item()
-    return total / targets.numel()
 
 
 def _report_heldout(held: dict, state_path) -> None:
@@ -318,9 +292,10 @@ def train(
     for p in model.parameters():
         p.requires_grad_(False)
     train_ids = training_windows(input_ids, mcfg.windows)
-    targets = float_targets(model, spec, train_ids, mcfg.batch)
+    obj = objective(model, spec, mcfg.loss, train_ids)
+    targets = obj.targets(model, train_ids, mcfg.batch)
     held_ids = heldout_windows(input_ids, mcfg.windows)
-    held_targets = float_targets(model, spec, held_ids, mcfg.batch) if len(held_ids) else None
+    held_targets = obj.targets(model, held_ids, mcfg.batch) if len(held_ids) else None
     learn = attach(model, spec, scfg, mcfg)
     qs = Quantizers(model, scfg)
     held = None
@@ -329,10 +304,10 @@ def train(
             ranges = range_setting(scfg, "mobilequant")
             observe_ranges(model, qs, input_ids, mcfg.batch, ranges)  # on every window
         if held_targets is not None:
-            start = mean_loss(model, spec, held_ids, held_targets, mcfg.batch)
-        losses = _fit(model, spec, train_ids, targets, learn, qs, mcfg, state_path, max_steps)
+            start = obj.mean(model, held_ids, held_targets, mcfg.batch)
+        losses = _fit(model, obj, train_ids, targets, learn, qs, mcfg, state_path, max_steps)
         if held_targets is not None:
-            end = mean_loss(model, spec, held_ids, held_targets, mcfg.batch)
+            end = obj.mean(model, held_ids, held_targets, mcfg.batch)
             held = {"windows": len(held_ids), "start": start, "end": end}
             held |= {"steps": len(losses), "total": _steps(len(train_ids), mcfg)[1]}
     except BaseException:
@@ -350,7 +325,7 @@ def train(
     return qs, losses
 
 
-def _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps) -> list:
+def _fit(model, obj, input_ids, targets, learn, qs, mcfg, state_path, max_steps) -> list:
     """The training loop (see `train`); returns the loss of every step, resumed ones included."""
     ranges = []
     for q in qs.quant.values():
@@ -372,7 +347,7 @@ def _fit(model, spec, input_ids, targets, learn, qs, mcfg, state_path, max_steps
         epoch, k = divmod(step, per_epoch)
         gen = torch.Generator().manual_seed(mcfg.seed + epoch)
         b = torch.randperm(len(input_ids), generator=gen)[k * mcfg.batch : (k + 1) * mcfg.batch]
-        loss = F.mse_loss(last_hidden(model, spec, input_ids[b]), targets[b])
+        loss = obj.loss(model, input_ids[b], targets[b])
         if not torch.isfinite(loss):
             raise EdgequantError(f"MobileQuant loss became {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)

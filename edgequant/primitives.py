@@ -150,3 +150,27 @@ def fake_quant_sym(x: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tens
     qmax = 2 ** (bits - 1) - 1
     scale = amax.clamp(min=1e-8) / qmax
     return (torch.clamp(round_ste(x.float() / scale), -qmax - 1, qmax) * scale).to(x.dtype)
+
+
+@torch.no_grad()
+def least_error_clip(
+    w: torch.Tensor, bits: int, zero_point: bool, ratios: torch.Tensor, per_row: bool = True
+) -> torch.Tensor:
+    # w [rows, n] (each row on its own grid), ratios [k] -> [rows, 1] the ratio r of least
+    # squared rounding error of each row on the grid of [r * min, r * max] (zero_point) or of
+    # r * max |w| (signed); per_row False: one r for all rows ([1, 1]), their summed error
+    w = w.float()
+    lo, hi, amax = w.amin(1, keepdim=True), w.amax(1, keepdim=True), w.abs().amax(1, keepdim=True)
+    best = torch.full((len(w) if per_row else 1, 1), float("inf"), device=w.device)
+    chosen = torch.ones_like(best)
+    for r in ratios.tolist():
+        if zero_point:
+            q = fake_quant_static(w, r * lo, r * hi, bits)
+        else:
+            q = fake_quant_sym(w, r * amax, bits)
+        err = q.sub_(w).pow_(2).sum(1, keepdim=True)
+        err = err if per_row else err.sum(0, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        chosen = torch.where(better, r, chosen)
+    return chosen

@@ -90,6 +90,17 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def bos_tokenizer() -> PreTrainedTokenizerFast:
+    """make_tokenizer's, starting every sequence with <bos> (as Gemma's does)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = make_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", tok.bos_token_id)]
+    )
+    return tok
+
+
 def llama(gqa: bool = True, layers: int = 2, seed: int = 0, hidden: int = 64) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(

@@ -7,7 +7,8 @@ from conftest import FACTORIES
 from edgequant.arch import arch_for
 from edgequant.config import MobileQuantConfig, StaticConfig
 from edgequant.errors import EdgequantError
-from edgequant.mobilequant import apply_trained, float_targets, last_hidden, train
+from edgequant.mobilequant import apply_trained, train
+from edgequant.objective import objective
 from edgequant.smoothquant import smoothquant
 
 SCFG = StaticConfig(w_bits=4, search_tokens=128)
@@ -26,21 +27,18 @@ def smoothed(arch):
     return model
 
 
-@torch.no_grad()
-def full_loss(model, targets):
-    out = last_hidden(model, arch_for(model), calib())
-    return torch.nn.functional.mse_loss(out, targets).item()
-
-
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_training_lowers_the_loss_and_bakes_quantized_weights(arch):
-    ref = smoothed(arch)
-    targets = float_targets(ref, arch_for(ref), calib(), 4)
+@pytest.mark.parametrize(
+    ("arch", "loss"), [("llama", "fisher"), ("gemma3", "fisher"), ("llama", "hidden")]
+)
+def test_training_lowers_the_loss_and_bakes_quantized_weights(arch, loss):
+    ref, cfg = smoothed(arch), replace(MCFG, loss=loss)
+    obj = objective(ref, arch_for(ref), loss, calib())  # the one training builds
+    targets = obj.targets(ref, calib(), 4)
     start, trained = smoothed(arch), smoothed(arch)
-    train(start, calib(), SCFG, MCFG, max_steps=0)
-    qs, losses = train(trained, calib(), SCFG, MCFG)
-    assert len(losses) == MCFG.epochs * 2
-    assert full_loss(trained, targets) < 0.9 * full_loss(start, targets)
+    train(start, calib(), SCFG, cfg, max_steps=0)
+    qs, losses = train(trained, calib(), SCFG, cfg)
+    assert len(losses) == cfg.epochs * 2
+    assert obj.mean(trained, calib(), targets, 4) < 0.9 * obj.mean(start, calib(), targets, 4)
     # baked: no parametrization left, every block linear on a 4-bit grid per row
     lin = trained.model.layers[0].mlp.down_proj
     assert not hasattr(lin, "parametrizations")
@@ -85,11 +83,11 @@ def test_saved_state_reapplies_to_the_same_weights_and_ranges(tmp_path):
 
 
 def test_failed_training_leaves_the_model_as_it_came(monkeypatch):
-    import edgequant.mobilequant as mq
+    import edgequant.objective as objective_module
 
     model = smoothed("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    monkeypatch.setattr(mq.F, "mse_loss", lambda a, b: torch.tensor(float("nan")))
+    monkeypatch.setattr(objective_module.F, "mse_loss", lambda a, b: torch.tensor(float("nan")))
     with pytest.raises(EdgequantError, match="loss became nan"):
         train(model, calib(), SCFG, MCFG)
     after = model.state_dict()
@@ -123,7 +121,7 @@ def test_windows_left_out_of_training_are_not_trained_on(n, windows):
 
 
 def test_windows_left_out_of_training_check_it(tmp_path, capsys):
-    from edgequant.mobilequant import heldout_windows, mean_loss
+    from edgequant.mobilequant import heldout_windows
 
     ids = calib()
     assert torch.equal(heldout_windows(ids, 4), ids[[1, 3, 5, 7]])
@@ -131,10 +129,7 @@ def test_windows_left_out_of_training_check_it(tmp_path, capsys):
     assert len(heldout_windows(ids, 0)) == 0 and len(heldout_windows(ids, 8)) == 0
     path = tmp_path / "mq.pt"
     model = smoothed("llama")  # the 16-bit ranges kept: 4 windows train without overfitting
-    targets = float_targets(model, arch_for(model), ids, 4)
     train(model, ids, SCFG, replace(MCFG, windows=4), state_path=path)
-    direct = torch.nn.functional.mse_loss(last_hidden(model, arch_for(model), ids), targets)
-    assert mean_loss(model, arch_for(model), ids, targets, 3) == pytest.approx(direct.item())
     held = torch.load(path, weights_only=True)["heldout"]
     assert held["windows"] == 4 and held["end"] < held["start"]
     assert held["steps"] == held["total"] == MCFG.epochs
@@ -197,3 +192,22 @@ def test_learn_a16_decides_whether_16_bit_ranges_train(learn_a16):
     moved = [end[k] != pytest.approx(start[k], rel=1e-3) for k in wide]
     assert any(moved) if learn_a16 else not any(moved)
     assert any(end[k] != pytest.approx(start[k], rel=1e-3) for k in narrow)
+
+
+@pytest.mark.parametrize("search", [True, False])
+def test_clipping_starts_at_the_least_error_ratio_or_at_clip_init(search):
+    from edgequant.mobilequant import attach, bake
+
+    model, cfg = smoothed("llama"), replace(MCFG, clip_search=search)
+    w = model.model.layers[0].mlp.up_proj.weight.detach().clone()  # W4: one grid per row
+    eff = attach(model, arch_for(model), SCFG, cfg).weights["0/mlp_up_proj"]
+    assert eff.lo_logit.shape == (w.shape[0], 1)
+    if not search:
+        assert (eff.lo_logit == cfg.clip_init).all() and (eff.hi_logit == cfg.clip_init).all()
+    else:
+        assert (eff.hi_logit <= cfg.clip_init + 1e-6).all() and (eff.hi_logit < 3.0).any()
+        with torch.no_grad():
+            searched = (eff(w) - w).pow(2).sum(1)
+            eff.lo_logit.fill_(cfg.clip_init), eff.hi_logit.fill_(cfg.clip_init)
+            assert (searched <= (eff(w) - w).pow(2).sum(1) + 1e-9).all()
+    bake(model, keep=False)

@@ -6,7 +6,9 @@ from edgequant.errors import EdgequantError
 from edgequant.primitives import (
     dequantize,
     fake_quant_static,
+    fake_quant_sym,
     fake_quantize,
+    least_error_clip,
     quant_params,
     quantize,
     round_ste,
@@ -81,3 +83,26 @@ def test_fake_quant_static_matches_the_composed_ops(bits, per_row):
     assert torch.allclose(gx, gx_ref, atol=1e-6)
     assert torch.allclose(glo, glo_ref, rtol=1e-5) and torch.allclose(ghi, ghi_ref, rtol=1e-5)
     assert (gx == 0).any() and (gx != 0).any()  # the range clips some of x
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_least_error_clip_cuts_a_lone_outlier_and_never_loses_to_the_full_range(zero_point):
+    w = torch.randn(3, 4096, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = 40.0  # row 0: one outlier stretches its grid; the others are plain gaussian
+    ratios = torch.linspace(1.0, 0.3, 29)
+    r = least_error_clip(w, 4, zero_point, ratios)
+    assert r.shape == (3, 1) and r[0].item() < 0.5
+
+    def err(rows, ratio):  # squared rounding error of rows at ratio [rows, 1]
+        lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+        q = (
+            fake_quant_static(rows, ratio * lo, ratio * hi, 4)
+            if zero_point
+            else fake_quant_sym(rows, ratio * rows.abs().amax(1, keepdim=True), 4)
+        )
+        return (q - rows).pow(2).sum(1)
+
+    assert (err(w, r) <= err(w, torch.ones(3, 1))).all()
+    shared = least_error_clip(w, 4, zero_point, ratios, per_row=False)
+    assert shared.shape == (1, 1)
+    assert all(err(w, shared).sum() <= err(w, torch.full((3, 1), x)).sum() for x in ratios)

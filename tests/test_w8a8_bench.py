@@ -67,17 +67,23 @@ def test_a_run_trained_here_records_its_loss_per_step(tokenizer, calib_file):
 
 
 def test_rows_name_static_knobs_off_their_defaults_and_pair_with_their_smoothquant(
-    monkeypatch,
+    monkeypatch, tokenizer
 ):
+    from conftest import bos_tokenizer
+
     from edgequant.config import StaticConfig
 
-    default = w8a8.static_knobs("smoothquant", StaticConfig())
-    assert default == {"alpha": 0.5, "ranges": "mse"}
+    default = w8a8.static_knobs("smoothquant", StaticConfig(), tokenizer)
+    assert default == {"alpha": 0.5, "ranges": "mse"}  # no BOS added: calib_bos is moot
     assert w8a8.static_label("smoothquant", default) == ""
-    old = w8a8.static_knobs("mobilequant", StaticConfig(alpha=None, ranges="minmax"))
+    old = w8a8.static_knobs("mobilequant", StaticConfig(alpha=None, ranges="minmax"), tokenizer)
     assert w8a8.static_label("mobilequant", old) == " alpha=search ranges=minmax"
-    rtn = w8a8.static_knobs("static-rtn", StaticConfig())
+    rtn = w8a8.static_knobs("static-rtn", StaticConfig(), tokenizer)
     assert rtn == {"ranges": "minmax"} and w8a8.static_label("static-rtn", rtn) == ""
+    adding = bos_tokenizer()
+    assert w8a8.static_knobs("static-rtn", StaticConfig(), adding)["calib_bos"] is True
+    no_bos = w8a8.static_knobs("smoothquant", StaticConfig(calib_bos=False), adding)
+    assert w8a8.static_label("smoothquant", no_bos) == " calib_bos=False"
 
     def row(method, knobs, austen):
         ppl = {t: {"ppl": austen} for t in w8a8.TEXTS}

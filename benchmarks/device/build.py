@@ -28,7 +28,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 
-from edgequant.config import CalibConfig
+from edgequant.config import CalibConfig, StaticConfig
 from edgequant.data import calibration_ids
 from edgequant.zoo import cache_dir, load
 
@@ -78,7 +78,7 @@ def build(name: str) -> None:
     state = {k: v.numpy() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
     cfg = json.loads((model_dir / "config.json").read_text())
     _, tok = load(name)
-    ids = calibration_ids(tok, CalibConfig())
+    ids = calibration_ids(tok, CalibConfig(), bos=StaticConfig().calib_bos)
     used, remapped = torch.unique(ids, return_inverse=True)
     reader = GGUFReader(GGUF[name])
     blob, manifest, extras = bytearray(), [], {}

@@ -37,6 +37,12 @@ if __name__ == "__main__":
             raise SystemExit(f"job {tag}: at most one dict of StaticConfig fields")
         scfg = StaticConfig(**{"w_bits": w_bits, **(static[0] if static else {})})
         mcfg = MobileQuantConfig(**kw)
+        if scfg.calib_bos != StaticConfig().calib_bos:
+            raise SystemExit(f"job {tag}: build.py packed the windows with the default calib_bos")
+        if mcfg.loss == "fisher":  # the bundle carries only the calibration's vocabulary
+            raise SystemExit(
+                f"job {tag}: the fisher loss needs the whole lm_head; pass loss=hidden"
+            )
         out = os.path.join(OUT, tag)
         os.makedirs(out, exist_ok=True)
         t0 = time.perf_counter()
