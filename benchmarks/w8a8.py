@@ -83,7 +83,8 @@ def static_label(method: str, knobs: dict) -> str:
 
 def mobilequant_knobs(text: str) -> MobileQuantConfig:
     """Parse "lr_clip=0.03,epochs=4" into a MobileQuantConfig ("" gives the defaults)."""
-    parse = {"int": int, "float": float, "bool": {"true": True, "false": False}.__getitem__}
+    boolean = {"true": True, "false": False}
+    parse = {"int": int, "float": float, "str": str, "bool": lambda v: boolean[v.lower()]}
     types = {f.name: f.type for f in fields(MobileQuantConfig)}  # annotations as strings
     knobs = {}
     for item in filter(None, text.split(",")):
@@ -93,7 +94,7 @@ def mobilequant_knobs(text: str) -> MobileQuantConfig:
                 f"{item!r}: want NAME=VALUE once per NAME, NAME in {list(types)}"
             )
         try:
-            knobs[name] = parse[types[name]](value.lower())
+            knobs[name] = parse[types[name]](value)
         except (KeyError, ValueError):
             raise argparse.ArgumentTypeError(f"{item!r}: not of type {types[name]}") from None
     try:

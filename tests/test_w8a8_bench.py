@@ -26,6 +26,8 @@ def test_knobs_set_the_config_and_name_the_row():
     per_tensor = w8a8.mobilequant_knobs("clip_per_channel=False")
     assert per_tensor.clip_per_channel is False
     assert w8a8.mobilequant_knobs("clip_per_channel=true").clip_per_channel is True
+    hidden = w8a8.mobilequant_knobs("loss=hidden,clip_search=false")
+    assert w8a8.mobilequant_label(hidden) == "mobilequant clip_search=False loss=hidden"
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,7 @@ def test_knobs_set_the_config_and_name_the_row():
         ("epochs=x", "not of type int"),
         ("clip_per_channel=1", "not of type bool"),
         ("epochs=0", "must be positive"),
+        ("loss=kl", "loss must be one of"),
     ],
 )
 def test_a_bad_knob_is_refused_with_a_reason(text, says):
