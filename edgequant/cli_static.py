@@ -15,7 +15,7 @@ def alpha_arg(text: str) -> float | None:
 
 
 def add_static_args(p) -> None:
-    from edgequant.config import LOSSES, RANGES, MobileQuantConfig, StaticConfig
+    from edgequant.config import CLIP_SEARCHES, LOSSES, RANGES, MobileQuantConfig, StaticConfig
 
     d = MobileQuantConfig()
     g = p.add_argument_group("integer-only methods (static-rtn, smoothquant, mobilequant)")
@@ -43,6 +43,9 @@ def add_static_args(p) -> None:
     g.add_argument("--loss", choices=LOSSES, default=d.loss,
                    help="MobileQuant: last hidden state error weighted by the lm_head's "
                    "Fisher information (fisher) or plain MSE (hidden)")  # fmt: skip
+    g.add_argument("--clip-search", choices=CLIP_SEARCHES, default=d.clip_search,
+                   help="MobileQuant: weight clipping starts at the ratio of least output "
+                   "(or weight) rounding error, or at sigmoid(4) (off)")  # fmt: skip
     g.add_argument("--state", metavar="FILE", help="MobileQuant: save / resume training here")
 
 
@@ -69,6 +72,7 @@ def cmd_quantize_static(a):
         lr_range=a.lr_range,
         learn_a16=a.learn_a16,
         loss=a.loss,
+        clip_search=a.clip_search,
         seed=a.seed,
     )
     calib = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)

@@ -124,6 +124,7 @@ STATIC_QUANT_METHOD = "edgequant-static"  # quant_method of integer-only checkpo
 
 RANGES = ("minmax", "mse")  # how static activation ranges are set (StaticConfig.ranges)
 LOSSES = ("fisher", "hidden")  # MobileQuant's training loss (edgequant.objective)
+CLIP_SEARCHES = ("output", "weight", "off")  # where MobileQuant's weight clipping starts
 
 
 @dataclass(frozen=True)
@@ -202,9 +203,10 @@ class MobileQuantConfig:
     loss: str = "fisher"
     clip_per_channel: bool = True
     clip_init: float = 4.0
-    # start the clipping at the ratio of least squared rounding error of each weight (per
-    # tensor or row), searched from sigmoid(clip_init) down; False: every logit at clip_init
-    clip_search: bool = True
+    # where the clipping starts: "output", the ratio of least squared rounding error of each
+    # weight (per tensor or row), columns weighted by their input's mean square, searched
+    # from sigmoid(clip_init) down; "weight": the same, unweighted; "off": at clip_init
+    clip_search: str = "output"
     min_scale: float = 1e-2
     save_every: int = 10  # steps between resumable checkpoints (with a state path)
     seed: int = 0
@@ -216,6 +218,10 @@ class MobileQuantConfig:
             raise EdgequantError(f"windows must be >= 0 (0: all), got {self.windows}")
         if self.loss not in LOSSES:
             raise EdgequantError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.clip_search not in CLIP_SEARCHES:
+            raise EdgequantError(
+                f"clip_search must be one of {CLIP_SEARCHES}, got {self.clip_search!r}"
+            )
         if min(self.lr_scale, self.lr_clip, self.lr_range) < 0:
             raise EdgequantError("learning rates must be >= 0")
         if self.min_scale <= 0:

@@ -29,27 +29,37 @@ from edgequant.primitives import fake_quant_static, fake_quant_sym, least_error_
 from edgequant.static import Quantizers, observe_ranges, range_setting, weight_config
 
 CLIP_GRID = 29  # clipping ratios searched, from sigmoid(clip_init) down to 30 % of it
+MOMENT_WINDOWS = 8  # calibration windows whose linear inputs weight the "output" search
 
 
-def clip_logits(w: torch.Tensor, qcfg: QuantConfig, mcfg, per_row: bool) -> torch.Tensor:
-    # w [rows, n] weight rows, each on its own grid -> [rows or 1, 1] clipping logits at the
-    # ratio of least squared rounding error
+def clip_logits(w, qcfg: QuantConfig, per_channel: bool, mcfg, x2) -> torch.Tensor:
+    # w [out, in] weight, x2 [in] mean square of its input or None -> [rows, 1] clipping
+    # logits (rows: out with per-channel clipping, else 1) at the ratio of least squared
+    # rounding error, each input column's error weighted by x2 (the output error, to first
+    # order, without the columns' cross terms)
     top = torch.sigmoid(torch.tensor(mcfg.clip_init)).item()
     ratios = top * torch.linspace(1.0, 0.3, CLIP_GRID)
-    r = least_error_clip(w, qcfg.bits, qcfg.zero_point, ratios, per_row)
+    flat = w if per_channel else w.reshape(1, -1)
+    weight = None if x2 is None else (x2 if per_channel else x2.repeat(w.shape[0]))
+    per_row = per_channel and mcfg.clip_per_channel
+    r = least_error_clip(flat, qcfg.bits, qcfg.zero_point, ratios, per_row, weight)
     return torch.logit(r.clamp(max=top)).to(w.device)
 
 
 class EffectiveWeight(nn.Module):
     """A linear's weight as trained: (w * s_in) / s_out, clipped, on its static grid."""
 
-    def __init__(self, w: torch.Tensor, qcfg: QuantConfig, per_channel: bool, mcfg):
+    def __init__(self, w: torch.Tensor, qcfg: QuantConfig, per_channel: bool, mcfg, x2=None):
+        # x2 [in]: mean square of the linear's input, to search the clipping's start (None: at
+        # clip_init, unless clip_search is "weight")
         super().__init__()
         self.qcfg, self.per_channel, self.min_scale = qcfg, per_channel, mcfg.min_scale
         rows = w.shape[0] if per_channel and mcfg.clip_per_channel else 1
         logit = torch.full((rows, 1), mcfg.clip_init, device=w.device)
-        if mcfg.clip_search:
-            logit = clip_logits(w if per_channel else w.reshape(1, -1), qcfg, mcfg, rows > 1)
+        if mcfg.clip_search == "weight":
+            logit = clip_logits(w, qcfg, per_channel, mcfg, None)
+        elif mcfg.clip_search == "output" and x2 is not None:
+            logit = clip_logits(w, qcfg, per_channel, mcfg, x2)
         self.lo_logit = nn.Parameter(logit.clone())
         self.hi_logit = nn.Parameter(logit.clone())
         self.s_in: nn.Parameter | None = None  # shared with the group; set by `attach`
@@ -116,16 +126,19 @@ class Learnables(nn.Module):
         ]
 
 
-def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQuantConfig):
-    """Parametrize every block linear (and the norms that feed a group) -> Learnables."""
+def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQuantConfig, x2=None):
+    """Parametrize every block linear (and the norms that feed a group) -> Learnables.
+    x2: "block/linear" -> mean square of its input [in] (see input_moments), for the
+    "output" clipping search."""
     learn = Learnables()
     for i, block in enumerate(blocks_of(model, spec)):
         for g in spec.groups:
             for name in g.linears:
                 lin = block.get_submodule(name)
                 qcfg, per_channel = weight_config(name, spec, scfg)
-                eff = EffectiveWeight(lin.weight, qcfg, per_channel, mcfg)
-                learn.weights[f"{i}/{name}".replace(".", "_")] = eff
+                key = f"{i}/{name}".replace(".", "_")
+                x2_in = None if x2 is None else x2[key]
+                learn.weights[key] = EffectiveWeight(lin.weight, qcfg, per_channel, mcfg, x2_in)
         for g in spec.groups:
             if fold_index(block, g, gqa=False) is None:
                 continue
@@ -150,6 +163,28 @@ def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQua
     return learn
 
 
+@torch.no_grad()
+def input_moments(model: nn.Module, spec: ArchSpec, ids: torch.Tensor, batch: int) -> dict:
+    # ids [N, T] -> {"block/linear": [in] mean square of the linear's input over N x T tokens}
+    sums, handles = {}, []
+    for i, block in enumerate(blocks_of(model, spec)):
+        for name in [n for g in spec.groups for n in g.linears]:
+            key = f"{i}/{name}".replace(".", "_")
+
+            def hook(module, args, out, key=key):
+                x = args[0].detach().float()
+                sums[key] = sums.get(key, 0.0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+
+            handles.append(block.get_submodule(name).register_forward_hook(hook))
+    try:
+        for k in range(0, len(ids), batch):
+            model(ids[k : k + batch], use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v / ids.numel() for k, v in sums.items()}
+
+
 def bake(model: nn.Module, keep: bool = True) -> None:
     """Drop every parametrization: keep=True writes the learned effective values, False
     restores the float tensors they were computed from."""
@@ -160,7 +195,7 @@ def bake(model: nn.Module, keep: bool = True) -> None:
 
 
 # MobileQuantConfig knobs added later -> what older states ran with
-LEGACY = {"windows": 0, "learn_a16": True, "loss": "hidden", "clip_search": False}
+LEGACY = {"windows": 0, "learn_a16": True, "loss": "hidden", "clip_search": "off"}
 STATIC_LEGACY = {"ranges": "minmax", "calib_bos": False}  # the same for StaticConfig
 
 
@@ -296,7 +331,10 @@ def train(
     targets = obj.targets(model, train_ids, mcfg.batch)
     held_ids = heldout_windows(input_ids, mcfg.windows)
     held_targets = obj.targets(model, held_ids, mcfg.batch) if len(held_ids) else None
-    learn = attach(model, spec, scfg, mcfg)
+    x2 = None
+    if mcfg.clip_search == "output":
+        x2 = input_moments(model, spec, train_ids[:MOMENT_WINDOWS], mcfg.batch)
+    learn = attach(model, spec, scfg, mcfg, x2)
     qs = Quantizers(model, scfg)
     held = None
     try:

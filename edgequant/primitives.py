@@ -154,11 +154,17 @@ def fake_quant_sym(x: torch.Tensor, amax: torch.Tensor, bits: int) -> torch.Tens
 
 @torch.no_grad()
 def least_error_clip(
-    w: torch.Tensor, bits: int, zero_point: bool, ratios: torch.Tensor, per_row: bool = True
+    w: torch.Tensor,
+    bits: int,
+    zero_point: bool,
+    ratios: torch.Tensor,
+    per_row: bool = True,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    # w [rows, n] (each row on its own grid), ratios [k] -> [rows, 1] the ratio r of least
-    # squared rounding error of each row on the grid of [r * min, r * max] (zero_point) or of
-    # r * max |w| (signed); per_row False: one r for all rows ([1, 1]), their summed error
+    # w [rows, n] (each row on its own grid), ratios [k], weight [n] or None -> [rows, 1] the
+    # ratio r of least squared rounding error (each column's error times its weight) of each
+    # row on the grid of [r * min, r * max] (zero_point) or of r * max |w| (signed);
+    # per_row False: one r for all rows ([1, 1]), their summed error
     w = w.float()
     lo, hi, amax = w.amin(1, keepdim=True), w.amax(1, keepdim=True), w.abs().amax(1, keepdim=True)
     best = torch.full((len(w) if per_row else 1, 1), float("inf"), device=w.device)
@@ -168,7 +174,8 @@ def least_error_clip(
             q = fake_quant_static(w, r * lo, r * hi, bits)
         else:
             q = fake_quant_sym(w, r * amax, bits)
-        err = q.sub_(w).pow_(2).sum(1, keepdim=True)
+        err = q.sub_(w).pow_(2)
+        err = (err if weight is None else err.mul_(weight)).sum(1, keepdim=True)
         err = err if per_row else err.sum(0, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)

@@ -179,7 +179,8 @@ def test_quantize_integer_only_save_and_eval(method, capsys, tmp_path, tiny_dir,
     argv += ["--n-samples", "8", "--seqlen", "32", "--calib", calib_file, "--epochs", "1"]
     state = tmp_path / "mq.pt"
     if method == "mobilequant":
-        argv += ["--learn-a16", "--loss", "hidden", "--no-calib-bos", "--state", state]
+        argv += ["--learn-a16", "--loss", "hidden", "--clip-search", "off", "--no-calib-bos"]
+        argv += ["--state", state]
     assert main([str(a) for a in [*argv, "--out", out, "--json", js]]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "edgequant-static" and qc["activation_ranges"]
@@ -188,6 +189,7 @@ def test_quantize_integer_only_save_and_eval(method, capsys, tmp_path, tiny_dir,
     if method == "mobilequant":  # the knobs given, not the defaults
         saved = torch.load(state, weights_only=True)["config"]
         assert saved["learn_a16"] is True and saved["loss"] == "hidden"
+        assert saved["clip_search"] == "off"
     summary = json.loads(js.read_text())
     assert summary["method"] == method and summary["a_bits"] == 8
     ev = tmp_path / "ev.json"

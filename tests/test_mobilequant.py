@@ -194,20 +194,24 @@ def test_learn_a16_decides_whether_16_bit_ranges_train(learn_a16):
     assert any(end[k] != pytest.approx(start[k], rel=1e-3) for k in narrow)
 
 
-@pytest.mark.parametrize("search", [True, False])
+@pytest.mark.parametrize("search", ["output", "weight", "off"])
 def test_clipping_starts_at_the_least_error_ratio_or_at_clip_init(search):
-    from edgequant.mobilequant import attach, bake
+    from edgequant.mobilequant import attach, bake, input_moments
 
     model, cfg = smoothed("llama"), replace(MCFG, clip_search=search)
+    spec = arch_for(model)
     w = model.model.layers[0].mlp.up_proj.weight.detach().clone()  # W4: one grid per row
-    eff = attach(model, arch_for(model), SCFG, cfg).weights["0/mlp_up_proj"]
+    x2 = input_moments(model, spec, calib(), 4)
+    assert x2["0/mlp_up_proj"].shape == (w.shape[1],) and (x2["0/mlp_up_proj"] > 0).all()
+    eff = attach(model, spec, SCFG, cfg, x2).weights["0/mlp_up_proj"]
     assert eff.lo_logit.shape == (w.shape[0], 1)
-    if not search:
+    if search == "off":
         assert (eff.lo_logit == cfg.clip_init).all() and (eff.hi_logit == cfg.clip_init).all()
     else:
         assert (eff.hi_logit <= cfg.clip_init + 1e-6).all() and (eff.hi_logit < 3.0).any()
+        weight = x2["0/mlp_up_proj"] if search == "output" else torch.ones(w.shape[1])
         with torch.no_grad():
-            searched = (eff(w) - w).pow(2).sum(1)
+            searched = ((eff(w) - w).pow(2) * weight).sum(1)
             eff.lo_logit.fill_(cfg.clip_init), eff.hi_logit.fill_(cfg.clip_init)
-            assert (searched <= (eff(w) - w).pow(2).sum(1) + 1e-9).all()
+            assert (searched <= ((eff(w) - w).pow(2) * weight).sum(1) + 1e-9).all()
     bake(model, keep=False)

@@ -106,3 +106,13 @@ def test_least_error_clip_cuts_a_lone_outlier_and_never_loses_to_the_full_range(
     shared = least_error_clip(w, 4, zero_point, ratios, per_row=False)
     assert shared.shape == (1, 1)
     assert all(err(w, shared).sum() <= err(w, torch.full((3, 1), x)).sum() for x in ratios)
+
+
+def test_least_error_clip_weighs_each_columns_error():
+    w = torch.randn(1, 2048, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = 12.0  # an outlier whose column matters a lot, or not at all
+    ratios = torch.linspace(1.0, 0.3, 29)
+    heavy, light = torch.ones(2048), torch.ones(2048)
+    heavy[0], light[0] = 1e4, 0.0
+    assert least_error_clip(w, 4, True, ratios, weight=heavy).item() == 1.0  # keep it
+    assert least_error_clip(w, 4, True, ratios, weight=light).item() < 0.6  # clip it
