@@ -299,7 +299,10 @@ def training_losses(rows: dict) -> list[str]:
     if not runs:
         return []
     lines = ["", "## MobileQuant training loss", ""]
-    lines += ["MSE of the last hidden state against the float model's; each step on its own batch."]
+    lines += [
+        "The last hidden state's error against the float model's: KL to second order, nats per "
+        "token (loss fisher), or its MSE (loss=hidden rows); each step on its own batch."
+    ]
     lines += [""]
     for r in sorted(runs, key=key):
         loss = r["losses"]

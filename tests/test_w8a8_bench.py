@@ -26,8 +26,8 @@ def test_knobs_set_the_config_and_name_the_row():
     per_tensor = w8a8.mobilequant_knobs("clip_per_channel=False")
     assert per_tensor.clip_per_channel is False
     assert w8a8.mobilequant_knobs("clip_per_channel=true").clip_per_channel is True
-    hidden = w8a8.mobilequant_knobs("loss=hidden,clip_search=false")
-    assert w8a8.mobilequant_label(hidden) == "mobilequant clip_search=False loss=hidden"
+    hidden = w8a8.mobilequant_knobs("loss=hidden,clip_search=off")
+    assert w8a8.mobilequant_label(hidden) == "mobilequant clip_search=off loss=hidden"
 
 
 @pytest.mark.parametrize(
