@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from provenance import measured_on, stamp
 
-from edgequant.api import quantize_static
+from edgequant.api import quantize_static, resolved
 from edgequant.cli_static import alpha_arg
 from edgequant.config import RANGES, CalibConfig, MobileQuantConfig, StaticConfig
 from edgequant.data import bos_prefix, calibration_ids, evaluation_ids, get_source
@@ -129,7 +129,7 @@ def mobilequant_row(
         label = mobilequant_label(mcfg) + static_label(mq, static_knobs(mq, cfg, tok))
         return label, seconds, training_record(saved["losses"], saved)
     run = json.loads((where / "run.json").read_text())
-    if {**STATIC_LEGACY, **run["static"]} != static_record(cfg):
+    if {**STATIC_LEGACY, **run["static"]} != static_record(resolved(cfg, mq, tok)):
         raise SystemExit(f"{where} was trained with another static config: {run['static']}")
     mcfg = MobileQuantConfig(**{**LEGACY, **run["mobilequant"]})  # runs from before a knob
     apply_recipe(model, Recipe.load(where / "smoothquant.safetensors"), quantize=False)

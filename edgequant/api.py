@@ -89,12 +89,12 @@ def quantize_static(
     """
     from edgequant.mobilequant import train
     from edgequant.smoothquant import smoothquant
-    from edgequant.static import Quantizers, observe_ranges, quantize_weights, range_setting
+    from edgequant.static import Quantizers, observe_ranges, quantize_weights
 
     cfg, calib = cfg or StaticConfig(), calib or CalibConfig()
     if method not in STATIC_METHODS:
         raise EdgequantError(f"unknown method {method!r}; choose from {', '.join(STATIC_METHODS)}")
-    cfg = replace(cfg, ranges=range_setting(cfg, method))  # what checkpoints record
+    cfg = resolved(cfg, method, tokenizer)  # what checkpoints record
     from edgequant.arch import arch_for
 
     if not arch_for(model).act_points:
@@ -108,6 +108,16 @@ def quantize_static(
     qs = Quantizers(model, cfg)
     observe_ranges(model, qs, ids, ranges=cfg.ranges)
     return qs, recipe
+
+
+def resolved(cfg: StaticConfig, method: str, tokenizer) -> StaticConfig:
+    """cfg as `method` runs it with `tokenizer`: its range setting, and calib_bos only where
+    the tokenizer adds BOS (elsewhere the windows are the same either way)."""
+    from edgequant.data import bos_prefix
+    from edgequant.static import range_setting
+
+    bos = cfg.calib_bos and bos_prefix(tokenizer) is not None
+    return replace(cfg, ranges=range_setting(cfg, method), calib_bos=bos)
 
 
 def _calibration(model: nn.Module, tokenizer, calib: CalibConfig, bos: bool = False):

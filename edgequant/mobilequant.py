@@ -32,34 +32,32 @@ CLIP_GRID = 29  # clipping ratios searched, from sigmoid(clip_init) down to 30 %
 MOMENT_WINDOWS = 8  # calibration windows whose linear inputs weight the "output" search
 
 
-def clip_logits(w, qcfg: QuantConfig, per_channel: bool, mcfg, x2) -> torch.Tensor:
+def clip_logits(
+    w: torch.Tensor, qcfg: QuantConfig, per_channel: bool, mcfg: MobileQuantConfig, x2=None
+) -> torch.Tensor:
     # w [out, in] weight, x2 [in] mean square of its input or None -> [rows, 1] clipping
     # logits (rows: out with per-channel clipping, else 1) at the ratio of least squared
     # rounding error, each input column's error weighted by x2 (the output error, to first
-    # order, without the columns' cross terms)
-    top = torch.sigmoid(torch.tensor(mcfg.clip_init)).item()
-    ratios = top * torch.linspace(1.0, 0.3, CLIP_GRID)
+    # order, without the columns' cross terms); the grid's top ratio keeps clip_init exactly
+    top = torch.sigmoid(torch.tensor(mcfg.clip_init, dtype=torch.float64)).item()
+    ratios = top * torch.linspace(1.0, 0.3, CLIP_GRID, device=w.device)
     flat = w if per_channel else w.reshape(1, -1)
     weight = None if x2 is None else (x2 if per_channel else x2.repeat(w.shape[0]))
     per_row = per_channel and mcfg.clip_per_channel
     r = least_error_clip(flat, qcfg.bits, qcfg.zero_point, ratios, per_row, weight)
-    return torch.logit(r.clamp(max=top)).to(w.device)
+    return torch.where(r >= ratios[0], mcfg.clip_init, torch.logit(r.clamp(max=ratios[0])))
 
 
 class EffectiveWeight(nn.Module):
     """A linear's weight as trained: (w * s_in) / s_out, clipped, on its static grid."""
 
-    def __init__(self, w: torch.Tensor, qcfg: QuantConfig, per_channel: bool, mcfg, x2=None):
-        # x2 [in]: mean square of the linear's input, to search the clipping's start (None: at
-        # clip_init, unless clip_search is "weight")
+    def __init__(self, w: torch.Tensor, qcfg: QuantConfig, per_channel: bool, mcfg, logit=None):
+        # logit [rows, 1] where the clipping starts (None: clip_init)
         super().__init__()
         self.qcfg, self.per_channel, self.min_scale = qcfg, per_channel, mcfg.min_scale
         rows = w.shape[0] if per_channel and mcfg.clip_per_channel else 1
-        logit = torch.full((rows, 1), mcfg.clip_init, device=w.device)
-        if mcfg.clip_search == "weight":
-            logit = clip_logits(w, qcfg, per_channel, mcfg, None)
-        elif mcfg.clip_search == "output" and x2 is not None:
-            logit = clip_logits(w, qcfg, per_channel, mcfg, x2)
+        if logit is None:
+            logit = torch.full((rows, 1), mcfg.clip_init, device=w.device)
         self.lo_logit = nn.Parameter(logit.clone())
         self.hi_logit = nn.Parameter(logit.clone())
         self.s_in: nn.Parameter | None = None  # shared with the group; set by `attach`
@@ -128,17 +126,21 @@ class Learnables(nn.Module):
 
 def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQuantConfig, x2=None):
     """Parametrize every block linear (and the norms that feed a group) -> Learnables.
-    x2: "block/linear" -> mean square of its input [in] (see input_moments), for the
-    "output" clipping search."""
+
+    The clipping starts where mcfg.clip_search puts it when `x2` is given ("block/linear"
+    -> mean square of its input [in], see input_moments), else at clip_init (a saved state
+    is about to overwrite it)."""
     learn = Learnables()
     for i, block in enumerate(blocks_of(model, spec)):
         for g in spec.groups:
             for name in g.linears:
                 lin = block.get_submodule(name)
                 qcfg, per_channel = weight_config(name, spec, scfg)
-                key = f"{i}/{name}".replace(".", "_")
-                x2_in = None if x2 is None else x2[key]
-                learn.weights[key] = EffectiveWeight(lin.weight, qcfg, per_channel, mcfg, x2_in)
+                key, logit = f"{i}/{name}".replace(".", "_"), None
+                if x2 is not None and mcfg.clip_search != "off":
+                    x2_in = x2[key] if mcfg.clip_search == "output" else None
+                    logit = clip_logits(lin.weight, qcfg, per_channel, mcfg, x2_in)
+                learn.weights[key] = EffectiveWeight(lin.weight, qcfg, per_channel, mcfg, logit)
         for g in spec.groups:
             if fold_index(block, g, gqa=False) is None:
                 continue
@@ -327,12 +329,12 @@ def train(
     for p in model.parameters():
         p.requires_grad_(False)
     train_ids = training_windows(input_ids, mcfg.windows)
-    obj = objective(model, spec, mcfg.loss, train_ids)
+    obj = objective(model, spec, mcfg.loss, train_ids, mcfg.batch)
     targets = obj.targets(model, train_ids, mcfg.batch)
     held_ids = heldout_windows(input_ids, mcfg.windows)
     held_targets = obj.targets(model, held_ids, mcfg.batch) if len(held_ids) else None
-    x2 = None
-    if mcfg.clip_search == "output":
+    x2 = None  # resuming: the saved state brings the clipping
+    if state_path is None or not state_path.is_file():
         x2 = input_moments(model, spec, train_ids[:MOMENT_WINDOWS], mcfg.batch)
     learn = attach(model, spec, scfg, mcfg, x2)
     qs = Quantizers(model, scfg)

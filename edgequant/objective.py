@@ -24,9 +24,11 @@ from torch import nn
 
 from edgequant.arch import ArchSpec
 from edgequant.config import LOSSES
+from edgequant.errors import EdgequantError
 
 FISHER_TOKENS = 2048  # tokens of the float model's predictions that F is averaged over
-_VOCAB_CHUNK = 256  # tokens per [chunk, V] logits block
+_TOKEN_CHUNK = 256  # tokens per [chunk, V] block of probabilities
+_VOCAB_CHUNK = 16384  # lm_head rows per [chunk, H] block of the weighted second moment
 
 
 class _Stop(Exception):
@@ -58,15 +60,18 @@ def fisher_basis(head: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     # R R^T = mean over the M tokens of W^T (diag(p) - p p^T) W / 2, p = softmax(hidden W^T)
     w = head.float()
     p_sum = torch.zeros(w.shape[0], device=w.device)
-    mean_outer = torch.zeros(w.shape[1], w.shape[1], device=w.device)
-    for s in range(0, len(hidden), _VOCAB_CHUNK):
-        p = torch.softmax(hidden[s : s + _VOCAB_CHUNK] @ w.T, dim=-1)  # [chunk, V]
+    mean_outer = torch.zeros(w.shape[1], w.shape[1], device=w.device, dtype=torch.float64)
+    for s in range(0, len(hidden), _TOKEN_CHUNK):
+        p = torch.softmax(hidden[s : s + _TOKEN_CHUNK].float() @ w.T, dim=-1)  # [chunk, V]
         p_sum += p.sum(0)
-        mu = p @ w  # [chunk, H]: the expected lm_head row
+        mu = (p @ w).double()  # [chunk, H]: the expected lm_head row
         mean_outer += mu.T @ mu
-    fisher = ((w.T * p_sum) @ w - mean_outer) / (2 * len(hidden))
-    lam, u = torch.linalg.eigh(fisher)
-    return u * lam.clamp(min=0).sqrt()
+    second = torch.zeros_like(mean_outer)  # sum_v p_sum[v] w_v w_v^T, in float64
+    for s in range(0, len(w), _VOCAB_CHUNK):
+        rows = w[s : s + _VOCAB_CHUNK].double()
+        second += rows.T @ (rows * p_sum[s : s + _VOCAB_CHUNK, None].double())
+    lam, u = torch.linalg.eigh((second - mean_outer) / (2 * len(hidden)))
+    return (u * lam.clamp(min=0).sqrt()).float()
 
 
 @dataclass(frozen=True)
@@ -107,16 +112,17 @@ class Objective:
         return 1.0 if self.basis is None else float(self.basis.shape[1])
 
 
-def objective(model: nn.Module, spec: ArchSpec, loss: str, ids: torch.Tensor) -> Objective:
+def objective(
+    model: nn.Module, spec: ArchSpec, loss: str, ids: torch.Tensor, batch: int = 4
+) -> Objective:
     """The Objective named `loss`; "fisher" averages F over the float model's predictions on
     about FISHER_TOKENS tokens of the windows `ids` [N, T] (evenly spaced windows)."""
     if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose from {LOSSES}")
+        raise EdgequantError(f"unknown loss {loss!r}; choose from {LOSSES}")
     if loss == "hidden":
         return Objective(spec)
     n = min(len(ids), -(-FISHER_TOKENS // ids.shape[1]))
     sample = ids[[k * len(ids) // n for k in range(n)]]
-    with torch.no_grad():
-        hidden = last_hidden(model, spec, sample)
+    hidden = Objective(spec).targets(model, sample, batch)  # [n, T, H] as they are
     head = model.get_output_embeddings().weight
     return Objective(spec, fisher_basis(head, hidden.reshape(-1, hidden.shape[-1])))

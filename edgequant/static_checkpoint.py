@@ -100,7 +100,10 @@ def load_static(path: str | os.PathLike) -> tuple[nn.Module, Quantizers]:
     path = Path(path)
     qc = _config(path)
     try:
-        cfg, ranges = StaticConfig(**qc["static"]), dict(qc["activation_ranges"])
+        cfg, ranges = (
+            StaticConfig(**{"calib_bos": False, **qc["static"]}),
+            dict(qc["activation_ranges"]),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise EdgequantError(f"{path}: incomplete quantization_config ({e!r})") from None
     try:

@@ -167,6 +167,19 @@ def test_a_state_saved_before_the_learn_a16_knob_loads_as_learning_them(tmp_path
         apply_trained(smoothed("llama"), SCFG, MCFG, path)
 
 
+@pytest.mark.parametrize(("knob", "legacy"), [("loss", "hidden"), ("clip_search", "off")])
+def test_a_state_saved_before_a_knob_loads_as_what_it_ran(knob, legacy, tmp_path):
+    path, old = tmp_path / "mq.pt", replace(MCFG, **{knob: legacy})
+    qs, _ = train(smoothed("llama"), calib(), SCFG, old, state_path=path, max_steps=2)
+    state = torch.load(path, weights_only=True)
+    del state["config"][knob]  # as written before the knob
+    torch.save(state, path)
+    assert apply_trained(smoothed("llama"), SCFG, old, path).table() == qs.table()
+    now = getattr(MCFG, knob)
+    with pytest.raises(EdgequantError, match=f"{knob}={legacy} \\(now {now}\\)"):
+        apply_trained(smoothed("llama"), SCFG, MCFG, path)
+
+
 def test_a_state_saved_before_the_ranges_setting_loads_as_minmax(tmp_path):
     path, minmax = tmp_path / "mq.pt", replace(SCFG, ranges="minmax")
     qs, _ = train(smoothed("llama"), calib(), minmax, MCFG, state_path=path)
@@ -215,3 +228,19 @@ def test_clipping_starts_at_the_least_error_ratio_or_at_clip_init(search):
             eff.lo_logit.fill_(cfg.clip_init), eff.hi_logit.fill_(cfg.clip_init)
             assert (searched <= ((eff(w) - w).pow(2) * weight).sum(1) + 1e-9).all()
     bake(model, keep=False)
+
+
+def test_per_tensor_clipping_weighs_the_input_and_keeps_clip_init_where_nothing_helps():
+    from edgequant.mobilequant import clip_logits, weight_config
+
+    spec = arch_for(FACTORIES["llama"]())
+    qcfg, per_channel = weight_config("mlp.up_proj", spec, StaticConfig(w_bits=8))
+    assert not per_channel  # W8: one grid for the tensor
+    w = torch.rand(16, 64, generator=torch.Generator().manual_seed(0))
+    w[3, 5] = 40.0  # stretches the tensor's grid 40-fold
+    x2 = torch.ones(64)
+    x2[5] = 0.0  # column 5 never reaches the output: clip the outlier freely
+    assert clip_logits(w, qcfg, False, MCFG, x2).shape == (1, 1)
+    assert clip_logits(w, qcfg, False, MCFG, x2).item() < 0.0  # ratio below one half
+    x2[5] = 1e6  # column 5 carries the output: keep the outlier, start at clip_init exactly
+    assert clip_logits(w, qcfg, False, MCFG, x2).item() == MCFG.clip_init

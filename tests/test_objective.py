@@ -3,6 +3,7 @@ import torch
 from conftest import FACTORIES
 
 from edgequant.arch import arch_for
+from edgequant.errors import EdgequantError
 from edgequant.objective import fisher_basis, last_hidden, objective
 
 
@@ -52,5 +53,5 @@ def test_hidden_loss_is_plain_mse_and_unknown_losses_raise():
     with torch.no_grad():
         direct = last_hidden(model, spec, ids).pow(2).mean().item()
     assert obj.mean(model, ids, targets, 3) == pytest.approx(direct)
-    with pytest.raises(ValueError, match="unknown loss 'kl'"):
+    with pytest.raises(EdgequantError, match="unknown loss 'kl'"):
         objective(model, spec, "kl", ids)

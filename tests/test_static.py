@@ -313,6 +313,31 @@ def test_quantize_static_api(method, tokenizer, calib_file):
     assert not torch.equal(logits(model, x), ref)  # the weights stay on their grids
 
 
+@pytest.mark.parametrize("adds_bos", [True, False])
+@pytest.mark.parametrize("calib_bos", [True, False])
+def test_calibration_starts_with_bos_where_asked_and_the_tokenizer_adds_it(
+    adds_bos, calib_bos, tokenizer, calib_file, monkeypatch
+):
+    from conftest import bos_tokenizer
+
+    import edgequant.static as static
+    from edgequant.api import quantize_static
+    from edgequant.config import CalibConfig
+
+    tok = bos_tokenizer() if adds_bos else tokenizer
+    seen = []
+    observe = static.observe_ranges
+    monkeypatch.setattr(
+        static, "observe_ranges", lambda m, q, x, **kw: seen.append(x) or observe(m, q, x, **kw)
+    )
+    calib = CalibConfig(source=str(calib_file), n_samples=4, seqlen=32)
+    cfg = StaticConfig(calib_bos=calib_bos)
+    qs, _ = quantize_static(FACTORIES["llama"](), tok, "static-rtn", cfg, calib)
+    first = seen[0][:, 0]
+    assert qs.cfg.calib_bos is (adds_bos and calib_bos)  # what the windows were, recorded
+    assert bool((first == tok.bos_token_id).all()) is (adds_bos and calib_bos)
+
+
 def test_quantize_static_unknown_method(tokenizer):
     from edgequant.api import quantize_static
 
