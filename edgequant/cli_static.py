@@ -8,6 +8,11 @@ from pathlib import Path
 
 from edgequant.errors import EdgequantError
 
+# the parsed arguments that are StaticConfig / MobileQuantConfig fields of the same name
+STATIC_ARGS = ("w_bits", "a_bits", "w_symmetric", "alpha", "ranges", "calib_bos")
+MOBILEQUANT_ARGS = ("epochs", "batch", "windows", "lr_scale", "lr_clip", "lr_range", "learn_a16")
+MOBILEQUANT_ARGS += ("loss", "clip_search", "seed")
+
 
 def alpha_arg(text: str) -> float | None:
     """--alpha: a number, or "search" (None: grid-searched per scale group)."""
@@ -55,26 +60,8 @@ def cmd_quantize_static(a):
     from edgequant.config import CalibConfig, MobileQuantConfig, StaticConfig
     from edgequant.zoo import load
 
-    cfg = StaticConfig(
-        w_bits=a.w_bits,
-        a_bits=a.a_bits,
-        w_symmetric=a.w_symmetric,
-        alpha=a.alpha,
-        ranges=a.ranges,
-        calib_bos=a.calib_bos,
-    )
-    mcfg = MobileQuantConfig(
-        epochs=a.epochs,
-        batch=a.batch,
-        windows=a.windows,
-        lr_scale=a.lr_scale,
-        lr_clip=a.lr_clip,
-        lr_range=a.lr_range,
-        learn_a16=a.learn_a16,
-        loss=a.loss,
-        clip_search=a.clip_search,
-        seed=a.seed,
-    )
+    cfg = StaticConfig(**{k: getattr(a, k) for k in STATIC_ARGS})
+    mcfg = MobileQuantConfig(**{k: getattr(a, k) for k in MOBILEQUANT_ARGS})
     calib = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
     if a.out and Path(a.out).exists():
         raise EdgequantError(f"output directory {a.out} already exists")
