@@ -29,7 +29,7 @@ from gguf.quants import dequantize
 from safetensors.torch import load_file, save_file
 
 from edgequant.config import CalibConfig, StaticConfig
-from edgequant.data import calibration_ids
+from edgequant.data import bos_prefix, calibration_ids
 from edgequant.zoo import cache_dir, load
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +78,8 @@ def build(name: str) -> None:
     state = {k: v.numpy() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
     cfg = json.loads((model_dir / "config.json").read_text())
     _, tok = load(name)
-    ids = calibration_ids(tok, CalibConfig(), bos=StaticConfig().calib_bos)
+    bos = StaticConfig().calib_bos and bos_prefix(tok) is not None
+    ids = calibration_ids(tok, CalibConfig(), bos=bos)
     used, remapped = torch.unique(ids, return_inverse=True)
     reader = GGUFReader(GGUF[name])
     blob, manifest, extras = bytearray(), [], {}
@@ -124,6 +125,8 @@ def build(name: str) -> None:
         json.dump(cfg, f, indent=1)
     with open(os.path.join(out, "manifest.json"), "w") as f:
         json.dump(manifest, f)
+    with open(os.path.join(out, "calib.json"), "w") as f:
+        json.dump({"bos": bos}, f)  # do the windows start with BOS (StaticConfig.calib_bos)
     with open(os.path.join(out, "blob.bin"), "wb") as f:
         f.write(blob)
     print(name, "tensors", len(manifest), "blob MB", len(blob) / 1e6, "vocab", len(used))

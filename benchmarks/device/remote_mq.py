@@ -2,7 +2,10 @@
 (smoothquant.safetensors, mobilequant.pt, run.json); tar that into $OUT in parts of at most
 15 MB (the device returns files of at most 16 MB).
 
-    JOBS='[["smollm2-135m", 8, {}, "smol-w8a8"]]' python3 benchmarks/device/remote_mq.py BUNDLE
+    JOBS='[["smollm2-135m", 8, {"loss": "hidden"}, "smol-w8a8"]]' \
+        python3 benchmarks/device/remote_mq.py BUNDLE
+
+(The bundle carries only the calibration's vocabulary, so jobs train with loss=hidden.)
 
 A job may add a fifth entry, StaticConfig fields: [..., "tag", {"alpha": null, "ranges": "minmax"}]
 (null alpha: the per-group search).
@@ -31,18 +34,23 @@ JOBS = json.loads(os.environ["JOBS"])
 
 if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
-    for name, w_bits, kw, tag, *static in JOBS:
-        model, ids = build(name, sys.argv[1])
+    jobs = []
+    for name, w_bits, kw, tag, *static in JOBS:  # every job checked before the first runs
         if len(static) > 1:
             raise SystemExit(f"job {tag}: at most one dict of StaticConfig fields")
-        scfg = StaticConfig(**{"w_bits": w_bits, **(static[0] if static else {})})
+        # the windows as build.py packed them: BOS first or not (bundles before: not)
+        calib = Path(sys.argv[1], name, "calib.json")
+        bos = json.loads(calib.read_text())["bos"] if calib.is_file() else False
+        given = static[0] if static else {}
+        if given.get("calib_bos", bos) != bos:
+            raise SystemExit(f"job {tag}: the bundle's windows have calib_bos={bos}")
+        scfg = StaticConfig(**{"w_bits": w_bits, **given, "calib_bos": bos})
         mcfg = MobileQuantConfig(**kw)
-        if scfg.calib_bos != StaticConfig().calib_bos:
-            raise SystemExit(f"job {tag}: build.py packed the windows with the default calib_bos")
         if mcfg.loss == "fisher":  # the bundle carries only the calibration's vocabulary
-            raise SystemExit(
-                f"job {tag}: the fisher loss needs the whole lm_head; pass loss=hidden"
-            )
+            raise SystemExit(f"job {tag}: the fisher loss needs the whole lm_head; loss=hidden")
+        jobs.append((name, scfg, mcfg, tag))
+    for name, scfg, mcfg, tag in jobs:
+        model, ids = build(name, sys.argv[1])
         out = os.path.join(OUT, tag)
         os.makedirs(out, exist_ok=True)
         t0 = time.perf_counter()
