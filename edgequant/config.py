@@ -191,7 +191,8 @@ class MobileQuantConfig:
     windows: int = 32
     # From SmoothQuant at alpha 0.5 with mse ranges, with the 16-bit ranges learned too, these
     # rates diverged on SmolLM2 W8A8 (Austen 216.6); kept as observed, they gave 23.85
-    # (0.3x with them learned: 24.13) and Gemma 26.17 (26.83) (w8a8.md)
+    # (0.3x with them learned: 24.13) and Gemma 26.17 (26.83) under loss=hidden without the
+    # clip search or BOS windows; with them, 23.74 and 24.89 (Gemma: unweighted search)
     lr_scale: float = 1e-2
     lr_clip: float = 1e-1
     lr_range: float = 1e-2
@@ -199,7 +200,8 @@ class MobileQuantConfig:
     # them let the rates above diverge on SmolLM2 (w8a8.md)
     learn_a16: bool = False
     # "fisher": the hidden-state error weighted as the lm_head's predictions feel it (the
-    # KL's second-order term); "hidden": plain MSE (edgequant.objective)
+    # KL's second-order term, nats per token); "hidden": plain MSE, which a few massive
+    # channels dominate (edgequant.objective)
     loss: str = "fisher"
     clip_per_channel: bool = True
     clip_init: float = 4.0
