@@ -124,12 +124,19 @@ class Learnables(nn.Module):
         ]
 
 
-def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQuantConfig, x2=None):
+def attach(
+    model: nn.Module,
+    spec: ArchSpec,
+    scfg: StaticConfig,
+    mcfg: MobileQuantConfig,
+    search: bool = False,
+    x2: dict | None = None,
+):
     """Parametrize every block linear (and the norms that feed a group) -> Learnables.
 
-    The clipping starts where mcfg.clip_search puts it when `x2` is given ("block/linear"
-    -> mean square of its input [in], see input_moments), else at clip_init (a saved state
-    is about to overwrite it)."""
+    With `search`, the clipping starts where mcfg.clip_search puts it ("output" needs `x2`:
+    "block/linear" -> mean square of its input [in], see input_moments); else at clip_init
+    (a saved state is about to overwrite it)."""
     learn = Learnables()
     for i, block in enumerate(blocks_of(model, spec)):
         for g in spec.groups:
@@ -137,7 +144,7 @@ def attach(model: nn.Module, spec: ArchSpec, scfg: StaticConfig, mcfg: MobileQua
                 lin = block.get_submodule(name)
                 qcfg, per_channel = weight_config(name, spec, scfg)
                 key, logit = f"{i}/{name}".replace(".", "_"), None
-                if x2 is not None and mcfg.clip_search != "off":
+                if search and mcfg.clip_search != "off":
                     x2_in = x2[key] if mcfg.clip_search == "output" else None
                     logit = clip_logits(lin.weight, qcfg, per_channel, mcfg, x2_in)
                 learn.weights[key] = EffectiveWeight(lin.weight, qcfg, per_channel, mcfg, logit)
@@ -333,10 +340,11 @@ def train(
     targets = obj.targets(model, train_ids, mcfg.batch)
     held_ids = heldout_windows(input_ids, mcfg.windows)
     held_targets = obj.targets(model, held_ids, mcfg.batch) if len(held_ids) else None
-    x2 = None  # resuming: the saved state brings the clipping
-    if state_path is None or not state_path.is_file():
+    search = state_path is None or not state_path.is_file()  # else the state brings it
+    x2 = None
+    if search and mcfg.clip_search == "output":
         x2 = input_moments(model, spec, train_ids[:MOMENT_WINDOWS], mcfg.batch)
-    learn = attach(model, spec, scfg, mcfg, x2)
+    learn = attach(model, spec, scfg, mcfg, search, x2)
     qs = Quantizers(model, scfg)
     held = None
     try:

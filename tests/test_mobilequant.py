@@ -216,7 +216,7 @@ def test_clipping_starts_at_the_least_error_ratio_or_at_clip_init(search):
     w = model.model.layers[0].mlp.up_proj.weight.detach().clone()  # W4: one grid per row
     x2 = input_moments(model, spec, calib(), 4)
     assert x2["0/mlp_up_proj"].shape == (w.shape[1],) and (x2["0/mlp_up_proj"] > 0).all()
-    eff = attach(model, spec, SCFG, cfg, x2).weights["0/mlp_up_proj"]
+    eff = attach(model, spec, SCFG, cfg, search=True, x2=x2).weights["0/mlp_up_proj"]
     assert eff.lo_logit.shape == (w.shape[0], 1)
     if search == "off":
         assert (eff.lo_logit == cfg.clip_init).all() and (eff.hi_logit == cfg.clip_init).all()
