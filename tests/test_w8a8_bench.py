@@ -18,10 +18,10 @@ spec.loader.exec_module(w8a8)
 
 
 def test_knobs_set_the_config_and_name_the_row():
-    mcfg = w8a8.mobilequant_knobs("lr_clip=0.01,epochs=4,windows=0")
-    assert (mcfg.lr_clip, mcfg.epochs, mcfg.windows) == (0.01, 4, 0)
+    mcfg = w8a8.mobilequant_knobs("lr_clip=0.01,epochs=6,windows=0")
+    assert (mcfg.lr_clip, mcfg.epochs, mcfg.windows) == (0.01, 6, 0)
     assert mcfg.lr_scale == MobileQuantConfig().lr_scale
-    assert w8a8.mobilequant_label(mcfg) == "mobilequant epochs=4 lr_clip=0.01 windows=all"
+    assert w8a8.mobilequant_label(mcfg) == "mobilequant epochs=6 lr_clip=0.01 windows=all"
     assert w8a8.mobilequant_label(w8a8.mobilequant_knobs("")) == "mobilequant"
     per_tensor = w8a8.mobilequant_knobs("clip_per_channel=False")
     assert per_tensor.clip_per_channel is False
