@@ -186,7 +186,7 @@ class MobileQuantConfig:
 
     epochs: int = 4
     # calibration windows per step. At the same tokens, more and smaller steps won: Gemma 3
-    # W8A8, 4 epochs, batch 4 / 2 / 1 (32 / 64 / 128 steps): Austen 24.82 / 24.58 / 24.10 (w8a8.md)
+    # W8A8, 4 epochs, batch 4 / 2 / 1 (32 / 64 / 128 steps): Austen 24.82 / 24.58 / 24.10
     batch: int = 1
     # calibration windows trained on, evenly spaced (0: all of them); 32 x 4 epochs keeps
     # a SmolLM2-135M run on this 2-core CPU under 30 minutes (w8a8.md)
