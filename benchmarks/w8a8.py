@@ -244,6 +244,12 @@ def ppl(row: dict | None, text: str) -> float | None:
     return row["ppl"][text]["ppl"] if row else None
 
 
+def check(what: str, ok: bool, rank: int) -> tuple[str, bool | str]:
+    """The best MobileQuant row's check decides; the others' are INFO lines that say
+    whether they would have held."""
+    return (what, ok) if rank == 0 else (f"{what}: {'holds' if ok else 'does not hold'}", "info")
+
+
 def checks(rows: dict) -> list[tuple[str, bool | str | None]]:
     """Issue #6, per model and config, on the MobileQuant row with the lowest W8A8 / W4A8
     perplexity (its knobs in its label): it beats SmoothQuant (with the same alpha and
@@ -265,12 +271,11 @@ def checks(rows: dict) -> list[tuple[str, bool | str | None]]:
                         out.append((what, None))
                         continue
                     ok = ppl(mq, t) < ppl(sq, t)
-                    out.append((f"{what} ({ppl(mq, t):.3f} vs {ppl(sq, t):.3f})",
-                                ok if rank == 0 else "info"))  # fmt: skip
+                    out.append(check(f"{what} ({ppl(mq, t):.3f} vs {ppl(sq, t):.3f})", ok, rank))
                     if config == "w8a8" and fp is not None:
                         r = ppl(mq, t) / ppl(fp, t) - 1
                         what = f"{name} W8A8 {t}: {label} within 10% of FP ({r:+.1%})"
-                        out.append((what, r <= 0.1 if rank == 0 else "info"))
+                        out.append(check(what, r <= 0.1, rank))
     return out + [cpu_budget(rows)]
 
 

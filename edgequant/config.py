@@ -194,7 +194,8 @@ class MobileQuantConfig:
     # From SmoothQuant at alpha 0.5 with mse ranges, with the 16-bit ranges learned too, these
     # rates diverged on SmolLM2 W8A8 (Austen 216.6); kept as observed, they gave 23.85
     # (0.3x with them learned: 24.13) and Gemma 26.17 (26.83) under loss=hidden without the
-    # clip search or BOS windows; with them, 23.74 and 24.89 (Gemma: unweighted search)
+    # clip search or BOS windows; with them (2 epochs of 4-window steps), 23.74 and 24.89
+    # (Gemma: unweighted search); at today's epochs and batch, Gemma 24.10
     lr_scale: float = 1e-2
     lr_clip: float = 1e-1
     lr_range: float = 1e-2

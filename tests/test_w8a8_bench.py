@@ -58,7 +58,7 @@ def test_a_run_trained_here_records_its_loss_per_step(tokenizer, calib_file):
     label, seconds, extra = w8a8.mobilequant_row(
         model, tokenizer, StaticConfig(), calib, None, mcfg
     )
-    assert label == "mobilequant windows=4" and seconds > 0
+    assert label == "mobilequant batch=4 epochs=2 windows=4" and seconds > 0
     losses, held = extra["losses"], extra["calib_heldout"]
     assert len(losses) == 2 and all(x > 0 for x in losses)  # 4 windows per step, 2 epochs
     assert held["windows"] == 4 and held["start"] > 0  # the 4 calibration windows left out
@@ -103,3 +103,30 @@ def test_rows_name_static_knobs_off_their_defaults_and_pair_with_their_smoothqua
     monkeypatch.setattr(w8a8, "MODELS", ("m",))
     (line,) = [t for t, ok in w8a8.checks(rows) if t.startswith("m w8a8 austen")]
     assert "(15.000 vs 20.000)" in line  # against the SmoothQuant it started from, not 12
+
+
+def test_only_the_best_mobilequant_row_decides_and_the_others_say_whether_they_hold(
+    monkeypatch,
+):
+    knobs = {"alpha": 0.5, "ranges": "mse"}
+
+    def row(method, austen, config="w8a8"):
+        ppl = {t: {"ppl": austen} for t in w8a8.TEXTS}
+        return {"model": "m", "config": config, "method": method, "ppl": ppl} | knobs
+
+    rows = [row("fp", 10.0, "fp"), row("smoothquant", 12.0), row("mobilequant", 10.5)]
+    rows.append(row("mobilequant epochs=1", 13.0))
+    monkeypatch.setattr(w8a8, "MODELS", ("m",))
+    got = w8a8.checks({w8a8.key(r): r for r in rows})
+    best = [(t, ok) for t, ok in got if t.startswith("m w8a8 austen: mobilequant <")]
+    assert best == [("m w8a8 austen: mobilequant < SmoothQuant (10.500 vs 12.000)", True)]
+    info = [(t, ok) for t, ok in got if "epochs=1" in t and t.startswith("m w8a8 austen")]
+    assert info == [
+        (
+            "m w8a8 austen: mobilequant epochs=1 < SmoothQuant (13.000 vs 12.000): does not hold",
+            "info",
+        )
+    ]
+    info = [(t, ok) for t, ok in got if "epochs=1 within" in t and "austen" in t]
+    assert info == [("m W8A8 austen: mobilequant epochs=1 within 10% of FP (+30.0%): "
+                     "does not hold", "info")]  # fmt: skip

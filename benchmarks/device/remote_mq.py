@@ -2,7 +2,7 @@
 (smoothquant.safetensors, mobilequant.pt, run.json); tar that into $OUT in parts of at most
 15 MB (the device returns files of at most 16 MB).
 
-    JOBS='[["smollm2-135m", 8, {"loss": "hidden"}, "smol-w8a8"]]' \
+    JOBS='[["smollm2-135m", 8, {"loss": "hidden", "batch": 4}, "smol-w8a8"]]' \
         python3 benchmarks/device/remote_mq.py BUNDLE
 
 (The bundle carries only the calibration's vocabulary, so jobs train with loss=hidden.)
