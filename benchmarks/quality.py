@@ -49,33 +49,40 @@ TEXTS = ("austen", "pydocs")
 # label -> (method, AWQConfig, GPTQConfig)
 METHODS = {
     "rtn": ("rtn", None, None),
+    # the default: below 4 bits q/k/v and gate/up are scored by the module loss on 4 samples
     "awq": ("awq", AWQConfig(), None),
+    # the Gram form at every width (the default at 4 bits and up; below 4 bits it was the
+    # default until the W3 rows here showed the module loss closer to the exact search)
+    "awq-gram": ("awq", AWQConfig(loss_samples=0), None),
     "gptq": ("gptq", None, GPTQConfig()),
     "gptq-act": ("gptq", None, GPTQConfig(act_order=True)),
     "awq+gptq": ("awq+gptq", AWQConfig(), GPTQConfig()),
     # GPTQ with act-order after the AWQ scales (gptq-act beats gptq at every width here)
     "awq+gptq-act": ("awq+gptq", AWQConfig(), GPTQConfig(act_order=True)),
+    "awq+gptq-gram": ("awq+gptq", AWQConfig(loss_samples=0), GPTQConfig()),
+    "awq+gptq-act-gram": ("awq+gptq", AWQConfig(loss_samples=0), GPTQConfig(act_order=True)),
     "awq-exact": ("awq", AWQConfig(search="exact"), None),
-    # the published clip search: q/k never clipped (AWQConfig.clip_all=False)
-    "awq-qkskip": ("awq", AWQConfig(clip_all=False), None),
+    # the published clip search: q/k never clipped (AWQConfig.clip_all=False); Gram form
+    "awq-qkskip": ("awq", AWQConfig(clip_all=False, loss_samples=0), None),
     "awq-exact-qkskip": ("awq", AWQConfig(search="exact", clip_all=False), None),
     # the fast search with sensitivity-weighted rows in multi-linear groups
     "awq-sens": ("awq", AWQConfig(sensitivity_samples=8), None),
     # the fast search scoring q/k/v and gate/up by the module loss on 4 calibration samples
     "awq-ls4": ("awq", AWQConfig(loss_samples=4), None),
-    # the same two searches with the block forward in float32 matmuls (bf16_matmul=False)
-    "awq-fp32": ("awq", AWQConfig(bf16_matmul=False), None),
+    # the Gram form and the module loss with the block forward in float32 matmuls
+    "awq-fp32": ("awq", AWQConfig(bf16_matmul=False, loss_samples=0), None),
     "awq-ls4-fp32": ("awq", AWQConfig(loss_samples=4, bf16_matmul=False), None),
     # clip search on 8192 sampled tokens instead of the published 512 (its Gram form makes
     # the token count cost nothing per grid point): does a W3 search still move by several
     # percent with its seed when the clip sees 16x the tokens?
-    "awq-ct8k": ("awq", AWQConfig(clip_tokens=8192), None),
+    "awq-ct8k": ("awq", AWQConfig(clip_tokens=8192, loss_samples=0), None),
     "awq-ls4-ct8k": ("awq", AWQConfig(loss_samples=4, clip_tokens=8192), None),
     "awq-exact-ct8k": ("awq", AWQConfig(search="exact", clip_tokens=8192), None),
 }
 # fast-search rows -> the paper-exact row they are compared with
 EXACT_OF = {
     "awq": "awq-exact",
+    "awq-gram": "awq-exact",
     "awq-qkskip": "awq-exact-qkskip",
     "awq-sens": "awq-exact",
     "awq-ls4": "awq-exact",
@@ -326,8 +333,8 @@ def main() -> None:
     p.add_argument("--max-windows", type=int, default=8)
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
-    # run only when named: AWQ search variants and AWQ+GPTQ with act-order
-    variants = [m for m in METHODS if m.startswith("awq-") or m == "awq+gptq-act"]
+    # run only when named: AWQ search variants and AWQ+GPTQ variants (act-order, Gram form)
+    variants = [m for m in METHODS if m.startswith(("awq-", "awq+gptq-"))]
     p.add_argument("--methods", default="fp," + ",".join(m for m in METHODS if m not in variants))
     p.add_argument("--bits", default="4,3,2", help="which of each model's configs to run")
     p.add_argument("--group", type=int, help="only the configs with this group size")

@@ -148,6 +148,7 @@ class AWQSearch:
     """AWQ over a model, block by block; `recipe` collects what was found."""
 
     def __init__(self, model: nn.Module, qcfg: QuantConfig, acfg: AWQConfig):
+        acfg = acfg.resolved(qcfg.bits)  # the recipe records the loss_samples that ran
         self.model, self.qcfg, self.acfg = model, qcfg, acfg
         self.spec: ArchSpec = arch_for(model)
         self.recipe = Recipe(quant=qcfg, method="awq", awq=acfg, model_type=model.config.model_type)

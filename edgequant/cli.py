@@ -49,10 +49,10 @@ def _add_quantize(sub) -> None:
     p.add_argument(
         "--loss-samples",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="AWQ fast search: score q/k/v and gate/up by the inspected module's output on N "
-        "calibration samples instead of the Gram form (0, default)",
+        "calibration samples; 0 is the Gram form (default: 4 below 4 bits, 0 from 4 bits)",
     )
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H)")
     p.add_argument(

@@ -15,7 +15,7 @@ from edgequant.awq import (
 )
 from edgequant.calibrate import bf16_linears
 from edgequant.clip import clip_bounds
-from edgequant.config import AWQConfig, QuantConfig
+from edgequant.config import LOW_BIT_LOSS_SAMPLES, AWQConfig, QuantConfig
 from edgequant.errors import EdgequantError
 from edgequant.primitives import fake_quantize, group_minmax
 from edgequant.recipe import Recipe, apply_recipe
@@ -254,8 +254,32 @@ def test_sensitivity_weighting_moves_the_multi_linear_choice():
     q = QuantConfig(3, 16)
     kw = dict(gram_tokens=128, clip=False)
     on = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw, sensitivity_samples=8))
-    off = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw))
+    off = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw, loss_samples=0))
     assert not torch.equal(on.scales["0.attn_in"], off.scales["0.attn_in"])
+
+
+def test_loss_samples_default_follows_the_width():
+    assert AWQConfig().resolved(3).loss_samples == LOW_BIT_LOSS_SAMPLES
+    assert AWQConfig().resolved(2).loss_samples == LOW_BIT_LOSS_SAMPLES
+    assert AWQConfig().resolved(4).loss_samples == 0
+    assert AWQConfig().resolved(8).loss_samples == 0
+    # an explicit value is kept; the exact search and the sensitivity weights take none
+    assert AWQConfig(loss_samples=0).resolved(3).loss_samples == 0
+    assert AWQConfig(loss_samples=2).resolved(4).loss_samples == 2
+    assert AWQConfig(search="exact").resolved(3).loss_samples == 0
+    assert AWQConfig(sensitivity_samples=8).resolved(3).loss_samples == 0
+
+
+def test_default_search_records_what_ran_and_matches_the_explicit_setting():
+    kw = dict(gram_tokens=128, clip=False)
+    for bits, want in ((3, LOW_BIT_LOSS_SAMPLES), (4, 0)):
+        q = QuantConfig(bits, 16)
+        default = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw))
+        explicit = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw, loss_samples=want))
+        assert default.awq.loss_samples == want
+        assert default.scales.keys() == explicit.scales.keys()
+        for k in default.scales:
+            assert torch.equal(default.scales[k], explicit.scales[k]), (bits, k)
 
 
 def test_sensitivity_weights_and_module_loss_do_not_combine():

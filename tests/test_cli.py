@@ -215,6 +215,10 @@ def test_loss_samples_reaches_the_search_and_bad_values_are_refused(
     args = quantize_args(model, tmp_path / "q", calib_file, "--save-search", search)
     assert main([str(a) for a in [*args, "--loss-samples", "2"]]) == 0
     assert Recipe.load(search).awq.loss_samples == 2
+    # left out: the width's default, recorded as it ran (4 below 4 bits)
+    default = quantize_args(model, tmp_path / "d", calib_file, "--save-search", search)
+    assert main([str(a) for a in [*default, "--w-bits", "3"]]) == 0
+    assert Recipe.load(search).awq.loss_samples == 4
     bad = quantize_args(model, tmp_path / "r", calib_file, "--loss-samples", "-1")
     code, err = run(capsys, *bad)
     assert code == 2 and "must be >= 0" in err[-1] and not (tmp_path / "r").exists()
