@@ -24,7 +24,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -49,10 +49,10 @@ TEXTS = ("austen", "pydocs")
 # label -> (method, AWQConfig, GPTQConfig)
 METHODS = {
     "rtn": ("rtn", None, None),
-    # the default: below 4 bits q/k/v and gate/up are scored by the module loss on 4 samples
+    # the default: at 3 bits q/k/v and gate/up are scored by the module loss on 4 samples
     "awq": ("awq", AWQConfig(), None),
-    # the Gram form at every width (the default at 4 bits and up; below 4 bits it was the
-    # default until the W3 rows here showed the module loss closer to the exact search)
+    # the Gram form at every width (the default except at 3 bits, where it was the default
+    # until the W3 rows here showed the module loss closer to the exact search)
     "awq-gram": ("awq", AWQConfig(loss_samples=0), None),
     "gptq": ("gptq", None, GPTQConfig()),
     "gptq-act": ("gptq", None, GPTQConfig(act_order=True)),
@@ -116,7 +116,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
     ids = {t: evaluation_ids(tok, get_source(t)) for t in TEXTS}
     calib = CalibConfig(n_samples=args.n_samples, seqlen=args.seqlen)
 
-    def record(model, bits, group, method, seconds, blocks=None, searched_on=None, seed=0):
+    def record(model, bits, group, method, seconds, recipe=None, searched_on=None, seed=0):
         ppl = {t: perplexity(model, tok, ids[t], 2048, args.max_windows).to_dict() for t in TEXTS}
         row = {
             "model": name,
@@ -129,8 +129,10 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
         if seed:
             row["seed"] = seed
         row |= args.stamp  # commit and machine (with its GPU where --device names one)
-        if blocks:  # the AWQ search's per-block output error, RTN vs AWQ
-            row["blocks"] = blocks
+        if recipe and recipe.report:  # the AWQ search's per-block output error, RTN vs AWQ
+            row["blocks"] = recipe.report
+        if recipe and recipe.awq:  # the search's settings as they ran (None fields resolved)
+            row["awq"] = asdict(recipe.awq)
         if searched_on:  # the search ran elsewhere (--load-search, --device): where, how long
             row["searched_on"] = searched_on
         results["rows"][key(row)] = row
@@ -155,7 +157,7 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             if args.load_search:
                 recipe = loaded_search(model, tok, args.load_search, method, q, acfg, calib, gcfg)
                 secs = recipe.searched_on.get("seconds", 0.0)
-                record(model, bits, group, label, secs, recipe.report, recipe.searched_on, seed)
+                record(model, bits, group, label, secs, recipe, recipe.searched_on, seed)
                 continue
             t0 = time.perf_counter()
             recipe = quantize_model(model, tok, method, quant=q, awq=acfg, calib=calib, gptq=gcfg)
@@ -164,13 +166,15 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             if args.device and args.device != "cpu":
                 dev = device_name(torch.device(args.device))
                 where = {"device": dev, "seconds": round(secs, 1), "torch": torch.__version__}
-            record(model, bits, group, label, secs, recipe.report, where, seed)
+            record(model, bits, group, label, secs, recipe, where, seed)
 
 
 def loaded_search(model, tok, path: Path, method, q: QuantConfig, acfg, calib, gcfg):
     """Apply a saved AWQ search to `model`, after checking it is the search the row names."""
     recipe = Recipe.load(path)
-    if (recipe.method, recipe.quant, recipe.awq) != (method, q, acfg):
+    # settings the label leaves to None (bf16 matmuls) are the searching device's choice
+    want = acfg and acfg.resolved(q.bits, bool(recipe.awq and recipe.awq.bf16_matmul))
+    if (recipe.method, recipe.quant, recipe.awq) != (method, q, want):
         raise SystemExit(
             f"{path} holds {recipe.method} {recipe.quant} {recipe.awq}, not {method} {q} {acfg}"
         )

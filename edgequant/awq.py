@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edgequant.arch import ArchSpec, ScaleGroup, arch_for, fold_index
-from edgequant.calibrate import bf16_linears, check_finite, run_layerwise
+from edgequant.calibrate import bf16_is_fast, bf16_linears, check_finite, run_layerwise
 from edgequant.clip import clip_bounds
 from edgequant.config import AWQConfig, QuantConfig
 from edgequant.primitives import fake_quantize
@@ -148,7 +148,8 @@ class AWQSearch:
     """AWQ over a model, block by block; `recipe` collects what was found."""
 
     def __init__(self, model: nn.Module, qcfg: QuantConfig, acfg: AWQConfig):
-        acfg = acfg.resolved(qcfg.bits)  # the recipe records the loss_samples that ran
+        # the recipe records the settings that ran
+        acfg = acfg.resolved(qcfg.bits, bf16_is_fast(next(model.parameters()).device))
         self.model, self.qcfg, self.acfg = model, qcfg, acfg
         self.spec: ArchSpec = arch_for(model)
         self.recipe = Recipe(quant=qcfg, method="awq", awq=acfg, model_type=model.config.model_type)

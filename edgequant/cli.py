@@ -52,7 +52,7 @@ def _add_quantize(sub) -> None:
         default=None,
         metavar="N",
         help="AWQ fast search: score q/k/v and gate/up by the inspected module's output on N "
-        "calibration samples; 0 is the Gram form (default: 4 below 4 bits, 0 from 4 bits)",
+        "calibration samples; 0 is the Gram form (default: 4 at 3 bits, else 0)",
     )
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H)")
     p.add_argument(
@@ -191,7 +191,8 @@ def cmd_quantize(a) -> dict:
     from edgequant.gptq import GPTQConfig
 
     fast = a.search == "fast"
-    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, bf16_matmul=fast, bf16_hessian=fast)
+    bf16 = None if fast else False  # None: where the device does bf16 fast
+    gcfg = GPTQConfig(damp=a.damp, act_order=a.act_order, bf16_matmul=bf16, bf16_hessian=bf16)
     model, tok, recipe = quantize(
         a.model, a.method, quant=qcfg, awq=acfg, calib=ccfg, load_search=a.load_search, gptq=gcfg
     )

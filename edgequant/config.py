@@ -43,7 +43,7 @@ class QuantConfig:
         return in_features if self.group_size == -1 else self.group_size
 
 
-LOW_BIT_LOSS_SAMPLES = 4  # AWQConfig.loss_samples below 4 bits when left to the default
+W3_LOSS_SAMPLES = 4  # AWQConfig.loss_samples at 3 bits when left to the default
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,16 @@ class AWQConfig:
     gram_tokens: int = 8192
     # fast search, groups of several linears: > 0 scores s by the inspected module's output
     # (the exact loss) on this many calibration samples instead of the Gram form (0).
-    # None: chosen by the width (`resolved`): LOW_BIT_LOSS_SAMPLES below 4 bits, else 0
+    # None: chosen by the width (`resolved`): W3_LOSS_SAMPLES at 3 bits, else 0
     loss_samples: int | None = None
     # fast search, groups of several linears: > 0 weights each output row's Gram error by
     # that row's sensitivity, mean (dO/dy)^2 of the inspected module's output O w.r.t. the
     # row's output y, estimated with random probes on this many samples. Off by default:
     # W3 within 1% of the exact search on SmolLM2 with 8, but +13% on Gemma 3 (quality.md)
     sensitivity_samples: int = 0
-    bf16_matmul: bool = True  # fast search only: block forwards as bf16 matmuls, fp32 accumulate
+    # fast search only: block forwards as bf16 matmuls, fp32 accumulate. None: where bf16 is
+    # fast on the model's device (calibrate.bf16_is_fast), else float32
+    bf16_matmul: bool | None = None
     clip: bool = True
     clip_form: str = "asym"
     # also clip the linears the published search skips (q/k); each row's clip is kept only
@@ -104,19 +106,23 @@ class AWQConfig:
                 "set one of them to 0"
             )
 
-    def resolved(self, bits: int) -> AWQConfig:
-        """This config with loss_samples fixed for `bits`-bit weights (None: by the width).
+    def resolved(self, bits: int, bf16_fast: bool) -> AWQConfig:
+        """This config with the settings left to None fixed for `bits`-bit weights on a
+        device where bfloat16 matmuls are (`bf16_fast`) or are not fast.
 
-        Below 4 bits the fast search scores q/k/v and gate/up by the module's output on
-        LOW_BIT_LOSS_SAMPLES samples: at W3 the Gram form picks the paper's alpha in 17 % of
-        those groups and the module loss on 4 samples in 67-87 % (awq_objective.json), and its
-        perplexity means are lower on both models (quality_gpu.md). At 4 bits and up the
-        Gram form is already within 1 % of the exact search and keeps the 3-minute budget.
+        loss_samples: W3_LOSS_SAMPLES at 3 bits. There q/k/v and gate/up scored by the module
+        output on 4 samples had the lower mean perplexity than the Gram form in every
+        comparison on the H100 (quality_gpu.md), and the Gram form picks the paper's alpha in
+        17 % of those groups, the module loss in 67-87 % (awq_objective.json). 0 at other
+        widths: at 4 bits the Gram form is already within 1 % of the exact search and keeps
+        the 3-minute budget; 2 bits is not measured with it.
         """
-        if self.loss_samples is not None:
-            return self
-        low = bits < 4 and self.search == "fast" and not self.sensitivity_samples
-        return replace(self, loss_samples=LOW_BIT_LOSS_SAMPLES if low else 0)
+        ls = self.loss_samples
+        if ls is None:
+            w3 = bits == 3 and self.search == "fast" and not self.sensitivity_samples
+            ls = W3_LOSS_SAMPLES if w3 else 0
+        bf16 = bf16_fast if self.bf16_matmul is None else self.bf16_matmul
+        return replace(self, loss_samples=ls, bf16_matmul=bf16)
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from edgequant.arch import arch_for
-from edgequant.calibrate import bf16_linears, check_finite, run_layerwise
+from edgequant.calibrate import bf16_is_fast, bf16_linears, check_finite, run_layerwise
 from edgequant.config import QuantConfig
 from edgequant.errors import EdgequantError
 from edgequant.primitives import dequantize, quant_params, quantize
@@ -33,8 +33,16 @@ class GPTQConfig:
     block_size: int = 128
     damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     act_order: bool = False
-    bf16_matmul: bool = True  # block forwards as bf16 matmuls, float32 accumulation
-    bf16_hessian: bool = True  # X^T X per chunk in bf16 (2x faster), summed in float32
+    # None: where bfloat16 is fast on the model's device (calibrate.bf16_is_fast), else float32
+    bf16_matmul: bool | None = None  # block forwards as bf16 matmuls, float32 accumulation
+    bf16_hessian: bool | None = None  # X^T X per chunk in bf16 (2x faster), summed in float32
+
+    def resolved(self, bf16_fast: bool) -> GPTQConfig:
+        """This config with the bf16 settings left to None fixed for the device."""
+        pick = lambda v: bf16_fast if v is None else v  # noqa: E731
+        return replace(
+            self, bf16_matmul=pick(self.bf16_matmul), bf16_hessian=pick(self.bf16_hessian)
+        )
 
 
 @dataclass
@@ -152,7 +160,7 @@ def gptq_quantize(
     model: nn.Module, input_ids: torch.Tensor, cfg: QuantConfig, gcfg: GPTQConfig | None = None
 ) -> GPTQResult:
     """GPTQ on the calibration ids [N, T]; quantizes `model` in place (weights on the grid)."""
-    gcfg = gcfg or GPTQConfig()
+    gcfg = (gcfg or GPTQConfig()).resolved(bf16_is_fast(next(model.parameters()).device))
     spec = arch_for(model)
     check_group_size(model, spec, cfg)
     result = GPTQResult(quant=cfg)

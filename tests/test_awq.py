@@ -13,10 +13,11 @@ from edgequant.awq import (
     row_sensitivity,
     search_scale,
 )
-from edgequant.calibrate import bf16_linears
+from edgequant.calibrate import bf16_is_fast, bf16_linears
 from edgequant.clip import clip_bounds
-from edgequant.config import LOW_BIT_LOSS_SAMPLES, AWQConfig, QuantConfig
+from edgequant.config import W3_LOSS_SAMPLES, AWQConfig, QuantConfig
 from edgequant.errors import EdgequantError
+from edgequant.gptq import GPTQConfig
 from edgequant.primitives import fake_quantize, group_minmax
 from edgequant.recipe import Recipe, apply_recipe
 
@@ -258,25 +259,34 @@ def test_sensitivity_weighting_moves_the_multi_linear_choice():
     assert not torch.equal(on.scales["0.attn_in"], off.scales["0.attn_in"])
 
 
-def test_loss_samples_default_follows_the_width():
-    assert AWQConfig().resolved(3).loss_samples == LOW_BIT_LOSS_SAMPLES
-    assert AWQConfig().resolved(2).loss_samples == LOW_BIT_LOSS_SAMPLES
-    assert AWQConfig().resolved(4).loss_samples == 0
-    assert AWQConfig().resolved(8).loss_samples == 0
+def test_defaults_follow_the_width_and_the_device():
+    assert AWQConfig().resolved(3, True).loss_samples == W3_LOSS_SAMPLES
+    for bits in (2, 4, 8):
+        assert AWQConfig().resolved(bits, True).loss_samples == 0
     # an explicit value is kept; the exact search and the sensitivity weights take none
-    assert AWQConfig(loss_samples=0).resolved(3).loss_samples == 0
-    assert AWQConfig(loss_samples=2).resolved(4).loss_samples == 2
-    assert AWQConfig(search="exact").resolved(3).loss_samples == 0
-    assert AWQConfig(sensitivity_samples=8).resolved(3).loss_samples == 0
+    assert AWQConfig(loss_samples=0).resolved(3, True).loss_samples == 0
+    assert AWQConfig(loss_samples=2).resolved(4, True).loss_samples == 2
+    assert AWQConfig(search="exact").resolved(3, True).loss_samples == 0
+    assert AWQConfig(sensitivity_samples=8).resolved(3, True).loss_samples == 0
+    # bf16 matmuls where the device does them fast, unless set
+    assert AWQConfig().resolved(4, True).bf16_matmul is True
+    assert AWQConfig().resolved(4, False).bf16_matmul is False
+    assert AWQConfig(bf16_matmul=True).resolved(4, False).bf16_matmul is True
+    assert GPTQConfig().resolved(False) == GPTQConfig(bf16_matmul=False, bf16_hessian=False)
+    assert GPTQConfig(bf16_hessian=True).resolved(False).bf16_hessian is True
+    assert bf16_is_fast(torch.device("meta")) is False
+    assert isinstance(bf16_is_fast(torch.device("cpu")), bool)
 
 
 def test_default_search_records_what_ran_and_matches_the_explicit_setting():
     kw = dict(gram_tokens=128, clip=False)
-    for bits, want in ((3, LOW_BIT_LOSS_SAMPLES), (4, 0)):
+    bf16 = bf16_is_fast(torch.device("cpu"))
+    for bits, want in ((3, W3_LOSS_SAMPLES), (4, 0)):
         q = QuantConfig(bits, 16)
         default = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw))
-        explicit = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw, loss_samples=want))
-        assert default.awq.loss_samples == want
+        explicit = AWQConfig(**kw, loss_samples=want, bf16_matmul=bf16)
+        explicit = awq_quantize(llama(), calib_ids(), q, explicit)
+        assert default.awq.loss_samples == want and default.awq.bf16_matmul is bf16
         assert default.scales.keys() == explicit.scales.keys()
         for k in default.scales:
             assert torch.equal(default.scales[k], explicit.scales[k]), (bits, k)

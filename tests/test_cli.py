@@ -163,7 +163,8 @@ def test_eval_compare_to_reports_kl_and_agreement(capsys, tmp_path, tiny_dir, ca
     assert main([str(a) for a in argv]) == 0
     fid = json.loads(js.read_text())["fidelity"]
     assert fid["kl"] > 0 and 0 < fid["top1"] <= 1 and fid["tokens"] == 2 * 63
-    assert math.isclose(fid["ppl"], json.loads(js.read_text())["ppl"], rel_tol=1e-6)
+    # the same model through two float32 evaluation paths (summation order differs)
+    assert math.isclose(fid["ppl"], json.loads(js.read_text())["ppl"], rel_tol=1e-5)
     assert "top-1 agreement" in capsys.readouterr().out
     # the float model against itself: no divergence
     argv = ["eval", str(tiny_dir()), *common, "--compare-to", str(tiny_dir()), "--json", str(js)]
