@@ -31,6 +31,7 @@ from edgequant.zoo import load
 RESULTS = Path(__file__).parent / "results"
 GROUPS = {"smollm2-135m": 64, "gemma3-270m": 128}
 LABELS = ("rtn", "awq", "gptq", "awq+gptq")
+ORDER = LABELS + ("awq-gram", "awq+gptq-gram")  # W3 rows of the AWQ default before 3-bit ls4
 
 
 def key(r: dict) -> str:
@@ -40,7 +41,7 @@ def key(r: dict) -> str:
 def render(results: dict) -> str:
     rows = sorted(
         results["rows"].values(),
-        key=lambda r: (r["model"], -r["bits"], r["text"], LABELS.index(r["method"])),
+        key=lambda r: (r["model"], -r["bits"], r["text"], ORDER.index(r["method"])),
     )
     out = [
         "# Fidelity to the float model",
