@@ -38,10 +38,14 @@ def key(r: dict) -> str:
     return f"{r['model']}|w{r['bits']}g{r['group_size']}|{r['method']}|{r['text']}"
 
 
+def rank(method: str) -> int:
+    return ORDER.index(method) if method in ORDER else len(ORDER)
+
+
 def render(results: dict) -> str:
     rows = sorted(
         results["rows"].values(),
-        key=lambda r: (r["model"], -r["bits"], r["text"], ORDER.index(r["method"])),
+        key=lambda r: (r["model"], -r["bits"], r["text"], rank(r["method"]), r["method"]),
     )
     out = [
         "# Fidelity to the float model",
@@ -52,7 +56,8 @@ def render(results: dict) -> str:
         "tokens of each text; austen = "
         "Pride and Prejudice, pydocs = held-out reference/faq). Asymmetric weights, pydocs "
         "calibration 128 x 512. The float models are the GGUF weights dequantized (already on "
-        "a 4-bit grid).",
+        "a 4-bit grid). `awq-gram`, `awq+gptq-gram`: AWQ's q/k/v and gate/up groups scored by "
+        "the Gram form, the default at W3 before it became the module loss on 4 samples.",
         "",
         "| model | config | text | method | KL | top-1 agreement | ppl ratio | quant s |",
         "|---|---|---|---|---|---|---|---|",

@@ -169,14 +169,27 @@ def run_model(name: str, args, results: dict, path: Path) -> None:
             record(model, bits, group, label, secs, recipe, where, seed)
 
 
+def search_matches(saved: AWQConfig | None, acfg: AWQConfig | None, bits: int) -> bool:
+    """Whether a saved search's settings are what the label's `acfg` runs at `bits`.
+
+    A bf16 setting the label leaves to None was the searching device's choice, so the saved
+    one is taken; an exact search never runs bf16 (recipes from before that was recorded
+    say True).
+    """
+    if saved is None or acfg is None:
+        return saved is None and acfg is None
+    if saved.search == "exact":
+        saved = replace(saved, bf16_matmul=False)
+    return saved == acfg.resolved(bits, bool(saved.bf16_matmul))
+
+
 def loaded_search(model, tok, path: Path, method, q: QuantConfig, acfg, calib, gcfg):
     """Apply a saved AWQ search to `model`, after checking it is the search the row names."""
     recipe = Recipe.load(path)
-    # settings the label leaves to None (bf16 matmuls) are the searching device's choice
-    want = acfg and acfg.resolved(q.bits, bool(recipe.awq and recipe.awq.bf16_matmul))
-    if (recipe.method, recipe.quant, recipe.awq) != (method, q, want):
+    if (recipe.method, recipe.quant) != (method, q) or not search_matches(recipe.awq, acfg, q.bits):
+        want = acfg and acfg.resolved(q.bits, bool(recipe.awq and recipe.awq.bf16_matmul))
         raise SystemExit(
-            f"{path} holds {recipe.method} {recipe.quant} {recipe.awq}, not {method} {q} {acfg}"
+            f"{path} holds {recipe.method} {recipe.quant} {recipe.awq}, not {method} {q} {want}"
         )
     return quantize_model(
         model, tok, method, quant=q, calib=calib, load_search=str(path), gptq=gcfg

@@ -86,7 +86,8 @@ def render(results: dict) -> str:
         "calibrated on the evaluated text (128 x 512 calibration tokens; pydocs evaluation is "
         "held-out reference/faq, austen evaluation is Pride and Prejudice, austen calibration "
         "the other novels). Asymmetric weights, g64 SmolLM2-135M, g128 Gemma-3-270M; 8 "
-        "2048-token windows per text.",
+        "2048-token windows per text. `awq-gram`: AWQ's q/k/v and gate/up groups scored by "
+        "the Gram form, the default at W3 before it became the module loss on 4 samples.",
         "",
         "| model | bits | method | evaluated on | matched calib | mismatched calib | penalty |",
         "|---|---|---|---|---|---|---|",

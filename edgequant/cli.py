@@ -34,8 +34,10 @@ def _add_quantize(sub) -> None:
         "--search",
         choices=("fast", "exact"),
         default="fast",
-        help="AWQ fast: second-order per-linear loss, bf16 matmuls; exact: paper loss on all "
-        "tokens in float32. GPTQ fast: bf16 block forwards and X^T X; exact: float32",
+        help="AWQ fast: second-order per-linear loss (at 3 bits q/k/v and gate/up by the module "
+        "output on --loss-samples), bf16 matmuls where the device does them fast; exact: paper "
+        "loss on all tokens in float32. GPTQ fast: bf16 block forwards and X^T X where the "
+        "device does them fast; exact: float32",
     )
     p.add_argument("--duo-scaling", action="store_true", help="s = x^a / w^(1-a) (peers' default)")
     p.add_argument("--no-clip", dest="clip", action="store_false")

@@ -55,6 +55,8 @@ class AWQConfig:
     several linears each output row's error can be weighted by its sensitivity to the
     inspected module's output (`sensitivity_samples`).
     search "exact": the paper's loss, MSE of the inspected module's output on all tokens.
+    At 3 bits the fast search scores groups of several linears by the module output on a few
+    samples instead (`loss_samples`, see `resolved`).
     """
 
     n_grid: int = 20
@@ -64,7 +66,8 @@ class AWQConfig:
     gram_tokens: int = 8192
     # fast search, groups of several linears: > 0 scores s by the inspected module's output
     # (the exact loss) on this many calibration samples instead of the Gram form (0).
-    # None: chosen by the width (`resolved`): W3_LOSS_SAMPLES at 3 bits, else 0
+    # None: chosen by the width (`resolved`): W3_LOSS_SAMPLES at 3 bits, else 0 (and 0 for
+    # the exact search or with sensitivity_samples)
     loss_samples: int | None = None
     # fast search, groups of several linears: > 0 weights each output row's Gram error by
     # that row's sensitivity, mean (dO/dy)^2 of the inspected module's output O w.r.t. the
@@ -77,7 +80,7 @@ class AWQConfig:
     clip: bool = True
     clip_form: str = "asym"
     # also clip the linears the published search skips (q/k); each row's clip is kept only
-    # where it lowers that row's error on the Gram sample (quality.md: awq vs awq-qkskip)
+    # where it lowers that row's error on the Gram sample (quality.md: awq-gram vs awq-qkskip)
     clip_all: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
@@ -110,19 +113,21 @@ class AWQConfig:
         """This config with the settings left to None fixed for `bits`-bit weights on a
         device where bfloat16 matmuls are (`bf16_fast`) or are not fast.
 
-        loss_samples: W3_LOSS_SAMPLES at 3 bits. There q/k/v and gate/up scored by the module
-        output on 4 samples had the lower mean perplexity than the Gram form in every
-        comparison on the H100 (quality_gpu.md), and the Gram form picks the paper's alpha in
-        17 % of those groups, the module loss in 67-87 % (awq_objective.json). 0 at other
-        widths: at 4 bits the Gram form is already within 1 % of the exact search and keeps
-        the 3-minute budget; 2 bits is not measured with it.
+        loss_samples: W3_LOSS_SAMPLES at 3 bits for the fast search without sensitivity
+        weights, else 0. At 3 bits q/k/v and gate/up scored by the module output on 4 samples
+        had the lower mean perplexity than the Gram form in every comparison with bf16 block
+        forwards on the H100 (quality_gpu.md; with float32 forwards it did not on Gemma), and
+        the Gram form picks the paper's alpha in 17-27 % of those groups, the module loss in
+        67-87 % (awq_objective.json). At 4 bits the Gram form is already within 1 % of the
+        exact search and keeps the 3-minute budget; 2 bits is not measured with it.
+        bf16_matmul: `bf16_fast` where left to None; always False for the exact search.
         """
         ls = self.loss_samples
         if ls is None:
             w3 = bits == 3 and self.search == "fast" and not self.sensitivity_samples
             ls = W3_LOSS_SAMPLES if w3 else 0
         bf16 = bf16_fast if self.bf16_matmul is None else self.bf16_matmul
-        return replace(self, loss_samples=ls, bf16_matmul=bf16)
+        return replace(self, loss_samples=ls, bf16_matmul=bf16 and self.search == "fast")
 
 
 @dataclass(frozen=True)

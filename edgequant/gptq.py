@@ -1,7 +1,8 @@
 """GPTQ (Frantar et al., 2023): error-compensating rounding with the inverse Hessian.
 
 Per linear, H = 2 X^T X / N from the captured inputs (bf16 products per chunk summed in
-float32 by default; `bf16_hessian=False` for float32 throughout). Columns are quantized in
+float32 where the device does bf16 fast, calibrate.bf16_is_fast; `bf16_hessian=False` for
+float32 throughout). Columns are quantized in
 order (or by decreasing diag(H) with act_order), each column's rounding error spread over
 the columns still to come through the Cholesky factor of H^-1, in lazy blocks of
 `block_size` columns. The quantizer is the one RTN and AWQ use (bits, group size, zero

@@ -274,8 +274,39 @@ def test_defaults_follow_the_width_and_the_device():
     assert AWQConfig(bf16_matmul=True).resolved(4, False).bf16_matmul is True
     assert GPTQConfig().resolved(False) == GPTQConfig(bf16_matmul=False, bf16_hessian=False)
     assert GPTQConfig(bf16_hessian=True).resolved(False).bf16_hessian is True
+    # the exact search never runs bf16 and records so
+    assert AWQConfig(search="exact").resolved(3, True).bf16_matmul is False
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, False), (True, False, True),
+                                                    (False, True, True)])  # fmt: skip
+def test_bf16_is_fast_on_cpus_with_native_bf16_only(monkeypatch, avx512_bf16, amx, want):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert bf16_is_fast(torch.device("cpu")) is want
+
+
+@pytest.mark.parametrize("capability, want", [((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_fast_on_cuda_from_ampere(monkeypatch, capability, want):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert bf16_is_fast(torch.device("cuda")) is want
     assert bf16_is_fast(torch.device("meta")) is False
-    assert isinstance(bf16_is_fast(torch.device("cpu")), bool)
+
+
+def test_gptq_resolves_bf16_by_the_device(monkeypatch):
+    # GPTQConfig() left to the device: where bf16 is slow it is the float32 search exactly
+    import edgequant.gptq as gptq
+
+    def run(cfg: GPTQConfig, fast: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(gptq, "bf16_is_fast", lambda device: fast)
+        model = llama()
+        gptq.gptq_quantize(model, calib_ids(), QuantConfig(3, 16), cfg)
+        return list(model.state_dict().values())
+
+    fp32 = run(GPTQConfig(bf16_matmul=False, bf16_hessian=False), True)
+    assert all(map(torch.equal, run(GPTQConfig(), False), fp32))
+    assert not all(map(torch.equal, run(GPTQConfig(), True), fp32))
+    assert GPTQConfig().resolved(True) == GPTQConfig(bf16_matmul=True, bf16_hessian=True)
 
 
 def test_default_search_records_what_ran_and_matches_the_explicit_setting():

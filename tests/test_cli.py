@@ -216,10 +216,18 @@ def test_loss_samples_reaches_the_search_and_bad_values_are_refused(
     args = quantize_args(model, tmp_path / "q", calib_file, "--save-search", search)
     assert main([str(a) for a in [*args, "--loss-samples", "2"]]) == 0
     assert Recipe.load(search).awq.loss_samples == 2
-    # left out: the width's default, recorded as it ran (4 below 4 bits)
+    # left out: the width's default, recorded as it ran (4 at 3 bits, 0 at 4)
     default = quantize_args(model, tmp_path / "d", calib_file, "--save-search", search)
     assert main([str(a) for a in [*default, "--w-bits", "3"]]) == 0
-    assert Recipe.load(search).awq.loss_samples == 4
+    saved = Recipe.load(search).awq
+    assert saved.loss_samples == 4 and isinstance(saved.bf16_matmul, bool)
+    default = quantize_args(model, tmp_path / "d4", calib_file, "--save-search", search)
+    assert main([str(a) for a in [*default, "--w-bits", "4"]]) == 0
+    assert Recipe.load(search).awq.loss_samples == 0
+    exact = quantize_args(model, tmp_path / "e", calib_file, "--save-search", search)
+    assert main([str(a) for a in [*exact, "--w-bits", "3", "--search", "exact"]]) == 0
+    saved = Recipe.load(search).awq
+    assert (saved.loss_samples, saved.bf16_matmul) == (0, False)
     bad = quantize_args(model, tmp_path / "r", calib_file, "--loss-samples", "-1")
     code, err = run(capsys, *bad)
     assert code == 2 and "must be >= 0" in err[-1] and not (tmp_path / "r").exists()

@@ -2,6 +2,7 @@
 
 import importlib.util
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,21 @@ def test_each_fast_row_is_compared_with_an_exact_search_that_clips_alike(fast):
     (_, f, _), (_, e, _) = quality.METHODS[fast], quality.METHODS[exact]
     assert f.search == "fast" and e.search == "exact"
     assert (f.clip_tokens, f.clip_all, f.clip_form) == (e.clip_tokens, e.clip_all, e.clip_form)
+
+
+def test_a_saved_search_matches_the_label_that_ran_it():
+    from edgequant.config import AWQConfig
+
+    label = {m: cfg for m, (_, cfg, _) in quality.METHODS.items()}
+    w3_ls4 = AWQConfig(loss_samples=4, bf16_matmul=True)  # a default W3 search on a GPU
+    assert quality.search_matches(w3_ls4, label["awq"], 3)
+    assert not quality.search_matches(w3_ls4, label["awq-gram"], 3)
+    gram = AWQConfig(loss_samples=0, bf16_matmul=False)  # a default W4 search on a slow-bf16 CPU
+    assert quality.search_matches(gram, label["awq"], 4)
+    assert quality.search_matches(gram, label["awq-gram"], 3)
+    assert not quality.search_matches(gram, label["awq"], 3)
+    # a label that fixes float32 refuses a bf16 search; an exact search's flag never counts
+    assert not quality.search_matches(replace(gram, bf16_matmul=True), label["awq-fp32"], 3)
+    old_exact = AWQConfig(search="exact", loss_samples=0, bf16_matmul=True)
+    assert quality.search_matches(old_exact, label["awq-exact"], 3)
+    assert quality.search_matches(None, None, 3) and not quality.search_matches(gram, None, 3)

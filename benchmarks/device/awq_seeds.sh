@@ -5,7 +5,8 @@
 # judged on means over seeds, all measured on one machine.
 #
 #   bash benchmarks/device/awq_seeds.sh start MODEL   # detached runs, one per method set
-#       (env: SETS="awq-exact awq,awq-ls4" method sets, SEEDS=0,1,2, BITS=3; e.g. BITS=4;
+#       (env: SETS="awq-exact awq,awq-gram" method sets, SEEDS=0,1,2, BITS=3; e.g. BITS=4,
+#        where awq and awq-gram are one search: SETS="awq-exact awq,awq-ls4" there;
 #        WAYS=2 splits each set's seeds over 2 processes)
 #   bash benchmarks/device/awq_seeds.sh wait SECONDS  # until all end or SECONDS pass;
 #                                                     # merged rows -> $OUT/quality_gpu.json
@@ -27,7 +28,7 @@ start)
     IFS=, read -ra seeds <<<"${SEEDS:-0,1,2}"
     ways=${WAYS:-1}
     [[ $ways =~ ^[1-9][0-9]*$ ]] || { echo "WAYS must be a whole number >= 1" >&2; exit 2; }
-    for methods in ${SETS:-fp,rtn,awq-exact awq,awq-ls4 awq-fp32,awq-ls4-fp32}; do
+    for methods in ${SETS:-fp,rtn,awq-exact awq,awq-gram}; do
         for ((w = 0; w < ways; w++)); do  # seeds w, w + WAYS, ... in one process
             part=$(for ((i = w; i < ${#seeds[@]}; i += ways)); do echo "${seeds[i]}"; done)
             part=$(paste -sd, <<<"$part")
