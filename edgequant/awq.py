@@ -178,7 +178,7 @@ class AWQSearch:
         """
         originals = [lin.weight.data for lin in lins]
         others = [m for m in module.modules() if isinstance(m, nn.Linear) and m not in lins]
-        bf16 = self.acfg.search == "fast" and self.acfg.bf16_matmul
+        bf16 = self.acfg.bf16_matmul  # resolved: never for the exact search
         ref = call()
 
         def loss(s: torch.Tensor) -> float:
@@ -325,7 +325,7 @@ class AWQSearch:
 
         gather = {g.linears[0]: (lambda xs, g=g: on_all(xs, g)) for g in groups}
         try:
-            with bf16_linears(block, enabled=not exact and self.acfg.bf16_matmul):
+            with bf16_linears(block, enabled=self.acfg.bf16_matmul):
                 run(gather)
         finally:
             for h in handles:

@@ -2,13 +2,13 @@
 
 Per linear, H = 2 X^T X / N from the captured inputs (bf16 products per chunk summed in
 float32 where the device does bf16 fast, calibrate.bf16_is_fast; `bf16_hessian=False` for
-float32 throughout). Columns are quantized in
-order (or by decreasing diag(H) with act_order), each column's rounding error spread over
-the columns still to come through the Cholesky factor of H^-1, in lazy blocks of
-`block_size` columns. The quantizer is the one RTN and AWQ use (bits, group size, zero
-point); a group's scale and zero are taken when its first column is reached, or, with
-act_order, from the original weights ("static groups") so checkpoints keep the usual layout.
-Within a block the linears are quantized in order: later groups see the quantized earlier ones.
+float32 throughout). Columns are quantized in order (or by decreasing diag(H) with
+act_order), each column's rounding error spread over the columns still to come through
+the Cholesky factor of H^-1, in lazy blocks of `block_size` columns. The quantizer is the
+one RTN and AWQ use (bits, group size, zero point); a group's scale and zero are taken
+when its first column is reached, or, with act_order, from the original weights ("static
+groups") so checkpoints keep the usual layout. Within a block the linears are quantized in
+order: later groups see the quantized earlier ones.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ class GPTQConfig:
 
     def resolved(self, bf16_fast: bool) -> GPTQConfig:
         """This config with the bf16 settings left to None fixed for the device."""
-        pick = lambda v: bf16_fast if v is None else v  # noqa: E731
+        matmul, hessian = self.bf16_matmul, self.bf16_hessian
         return replace(
-            self, bf16_matmul=pick(self.bf16_matmul), bf16_hessian=pick(self.bf16_hessian)
+            self,
+            bf16_matmul=bf16_fast if matmul is None else matmul,
+            bf16_hessian=bf16_fast if hessian is None else hessian,
         )
 
 
