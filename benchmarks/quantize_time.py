@@ -7,7 +7,9 @@ Runs `edgequant quantize smollm2-135m --method METHOD --w-bits 4 --group-size 64
 under the method's key in benchmarks/results/quantize_time.json (issue #2's target is AWQ,
 issue #5's GPTQ; both under 3 minutes). The model must already be in the cache (one
 `edgequant eval smollm2-135m` converts it), so the time is load + calibration + search.
---loss-samples N times the AWQ search with `--loss-samples N`, saved under "METHOD-lsN".
+--loss-samples N times the AWQ search with `--loss-samples N`, saved under "METHOD-lsN";
+--key saves under another name (e.g. one per kind of machine: the default's block forwards
+run bf16 only where the CPU does bf16 fast). Each entry records its commit and machine.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import stamp
+
 from edgequant.io import atomic_write_text
 
 COMMAND = ["quantize", "smollm2-135m", "--w-bits", "4", "--group-size", "64", "--method"]
@@ -33,6 +37,7 @@ def main() -> None:
     p.add_argument("--method", default="awq", choices=("rtn", "awq", "gptq", "awq+gptq"))
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--loss-samples", type=int, default=0, help="pass --loss-samples N (AWQ)")
+    p.add_argument("--key", help="save under this key (default: METHOD or METHOD-lsN)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results/quantize_time.json")
     args = p.parse_args()
     if args.loss_samples and args.method != "awq":
@@ -43,6 +48,8 @@ def main() -> None:
     if args.loss_samples:
         command += ["--loss-samples", str(args.loss_samples)]
         label = f"{args.method}-ls{args.loss_samples}"
+    label = args.key or label
+    run_stamp = stamp()  # taken before the runs: a later edit of the tree does not move it
     walls, reported = [], []
     for k in range(args.runs):
         t0 = time.perf_counter()
@@ -62,6 +69,7 @@ def main() -> None:
         "blocks": 30,
         "median_s_per_block": round(med / 30, 2),
         "cpu": f"{os.cpu_count()} cores",
+        **run_stamp,
     }
     if args.method == "awq":
         result["peer"] = (
