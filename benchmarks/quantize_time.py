@@ -1,6 +1,7 @@
 """Wall time of the quantize command, end to end, as a user runs it.
 
     python benchmarks/quantize_time.py [--method awq|gptq|...] [--runs 2] [--loss-samples N]
+        [--key NAME]
 
 Runs `edgequant quantize smollm2-135m --method METHOD --w-bits 4 --group-size 64`
 (calibration 128 x 512 pydocs tokens) in a fresh process per run and writes the median
