@@ -2,16 +2,16 @@
 
     python benchmarks/quality.py                              # every method and config
     python benchmarks/quality.py --methods rtn,awq --bits 4,3 # a slice of it
-    python benchmarks/quality.py --exact-only                 # paper-exact AWQ at W3 (slow)
+    python benchmarks/quality.py --exact-only                 # paper-exact AWQ, W4 and W3 (slow)
     python benchmarks/quality.py --models gemma3-270m --bits 3 --methods awq-exact \
         --load-search gemma3-270m-w3g128-exact.safetensors     # a search run elsewhere
 
 Rows are merged into benchmarks/results/quality.json by (model, bits, group, method), so
 runs can be split; benchmarks/results/quality.md is rendered from the JSON with the checks
 of issues #2 and #5: AWQ beats RTN on every row and text, W3 AWQ closes at least half of the
-RTN-to-FP gap, the fast search is within 1% of the exact one, and at INT2 AWQ+GPTQ has the
-lowest perplexity of RTN / GPTQ / AWQ / AWQ+GPTQ (GPTQ and AWQ+GPTQ each with its better
-column order, plain or act-order: `gptq-act`, `awq+gptq-act`).
+RTN-to-FP gap, at W4 and W3 the fast default is at most 1% above the exact search, and at
+INT2 AWQ+GPTQ has the lowest perplexity of RTN / GPTQ / AWQ / AWQ+GPTQ (GPTQ and AWQ+GPTQ
+each with its better column order, plain or act-order: `gptq-act`, `awq+gptq-act`).
 
 benchmarks/results/quality_gpu.json holds W3 and W4 rows searched and evaluated on a GPU over many
 AWQ search seeds (benchmarks/device/awq_seeds.sh): the fast-vs-exact check on means there.
@@ -91,6 +91,10 @@ EXACT_OF = {
     "awq-ct8k": "awq-exact-ct8k",
     "awq-ls4-ct8k": "awq-exact-ct8k",
 }
+# widths where the fast default's perplexity must be at most 1% above the exact search's
+# (one-sided: lower is fine): issue #2's bar, set beside the W4 quantize-time target and
+# held at W3 too
+BAR_BITS = (4, 3)
 # INT2 table: each single method (GPTQ in both column orders) against AWQ+GPTQ (either)
 INT2_SINGLE = ("rtn", "gptq", "gptq-act", "awq")
 INT2_COMBINED = ("awq+gptq", "awq+gptq-act")
@@ -240,16 +244,17 @@ def seed_note(fast: list[dict], exact: list[dict], text: str) -> str:
 
 
 def awq_checks(rows: dict, r: dict) -> list[tuple[str, bool | str | None]]:
-    """Issue #2: AWQ < RTN; at W3 AWQ closes half the RTN-FP gap; fast within 1% of exact
-    (variants such as awq-qkskip: their fast-vs-exact gap, as "info"). Where several search
-    seeds were measured, fast and exact are compared by their means over seeds: one search's
-    perplexity moves by a few percent with the tokens it samples."""
+    """Issue #2: AWQ < RTN; at W3 AWQ closes half the RTN-FP gap; at the BAR_BITS widths
+    the fast default at most 1% above the exact search (variants such as awq-qkskip: their
+    gap as "info"). Where several search seeds were measured, fast and exact are compared
+    by their means over seeds: one search's perplexity moves by a few percent with the
+    tokens it samples."""
     cfg, checks = f"W{r['bits']} g{r['group_size']} {r['model']}", []
     fp = rows.get(f"{r['model']}|w16g-1|fp")
     rtn = rows.get(key({**r, "method": "rtn"}))
     exact_label = EXACT_OF[r["method"]]
     fast, exact = seeds_of(rows, r, r["method"]), seeds_of(rows, r, exact_label)
-    if not exact and r["bits"] == 3 and r["method"] == "awq":
+    if not exact and r["bits"] in BAR_BITS and r["method"] == "awq":
         checks.append((f"{cfg}: fast vs exact ({exact_label} not measured)", None))
     for t in TEXTS:
         b, f = ppl(rtn, t), ppl(fp, t)
@@ -267,8 +272,8 @@ def awq_checks(rows: dict, r: dict) -> list[tuple[str, bool | str | None]]:
             msg = f"{cfg} {t}: {r['method']} fast {mean_ppl(fast, t):.3f} vs exact {e:.3f} "
             msg += f"({gap:+.2%}" + (f" ± {se:.2%} s.e." if se is not None else "")
             msg += seed_note(fast, exact, t)
-            if r["method"] == "awq":
-                checks.append((msg + ", within 1%)", gap <= 0.01))
+            if r["method"] == "awq" and r["bits"] in BAR_BITS:
+                checks.append((msg + "; bar: at most +1%)", gap <= 0.01))
             else:
                 checks.append((msg + ")", "info"))
     return checks
@@ -362,7 +367,9 @@ def main() -> None:
         "repeat a row, and fast vs exact compares the means over the seeds measured; methods "
         "without an AWQ search run for seed 0 only",
     )
-    p.add_argument("--exact-only", action="store_true", help="only the exact-search W3 rows")
+    p.add_argument(
+        "--exact-only", action="store_true", help="only the exact-search rows (W4 and W3)"
+    )
     p.add_argument("--device", help="run on this torch device (e.g. cuda); default cpu")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     p.add_argument(
@@ -373,7 +380,9 @@ def main() -> None:
     )
     args = p.parse_args()
     args.methods = ["awq-exact"] if args.exact_only else args.methods.split(",")
-    args.bits = [3] if args.exact_only else [int(b) for b in args.bits.split(",")]
+    args.bits = [int(b) for b in args.bits.split(",")]
+    if args.exact_only:  # the exact search is compared at W4 and W3 only
+        args.bits = [b for b in args.bits if b >= 3]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     unknown = set(args.methods) - set(METHODS) - {"fp"}
     if unknown:

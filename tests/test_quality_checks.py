@@ -31,16 +31,39 @@ def test_seed_rows_have_their_own_key_and_label():
 
 
 def test_fast_vs_exact_compares_the_means_over_seeds():
-    base = [row("fp", 5.0, bits=16), row("rtn", 30.0)]
-    one = rendered(*base, row("awq", 10.3), row("awq-exact", 10.0))
-    assert "FAIL: W3 g64 m austen: awq fast 10.300 vs exact 10.000 (+3.00%, within 1%)" in one
+    base = [row("fp", 5.0, bits=16), row("rtn", 30.0, bits=4)]
+    one = rendered(*base, row("awq", 10.3, bits=4), row("awq-exact", 10.0, bits=4))
+    assert (
+        "FAIL: W4 g64 m austen: awq fast 10.300 vs exact 10.000 (+3.00%; bar: at most +1%)" in one
+    )
     # seed 1 pulls the fast mean to 10.05: within 1% of the exact mean (10.0)
-    two = rendered(*base, row("awq", 10.3), row("awq", 9.8, seed=1), row("awq-exact", 10.0))
+    fast = [row("awq", 10.3, bits=4), row("awq", 9.8, seed=1, bits=4)]
+    two = rendered(*base, *fast, row("awq-exact", 10.0, bits=4))
     line = next(x for x in two.splitlines() if "fast" in x and "austen" in x)
-    assert line.startswith("- PASS: W3 g64 m austen: awq fast 10.050 vs exact 10.000 (+0.50%")
+    assert line.startswith("- PASS: W4 g64 m austen: awq fast 10.050 vs exact 10.000 (+0.50%")
     assert "fast seeds 0,1: 9.800-10.300, exact seed 0: 10.000" in line
     # the other checks still judge the seed-0 row alone
     assert "AWQ 10.300 < RTN 30.000" in two
+
+
+def test_the_bar_holds_at_w4_and_w3_one_sided_and_only_for_the_default():
+    base = [row("fp", 5.0, bits=16), row("rtn", 30.0), row("rtn", 30.0, bits=4)]
+    w3 = rendered(*base, row("awq", 10.3), row("awq-exact", 10.0))
+    assert "- FAIL: W3 g64 m austen: awq fast 10.300 vs exact 10.000 (+3.00%; bar:" in w3
+    # one-sided: a fast search below the exact one is within the bar
+    low = rendered(*base, row("awq", 9.5, bits=4), row("awq-exact", 10.0, bits=4))
+    assert "- PASS: W4 g64 m austen: awq fast 9.500 vs exact 10.000 (-5.00%" in low
+    # no exact row: the default misses it at both widths, a variant misses nothing
+    for bits in (4, 3):
+        text = rendered(*base, row("awq", 10.3, bits=bits), row("awq-sens", 10.2, bits=bits))
+        assert f"- MISSING: W{bits} g64 m: fast vs exact (awq-exact not measured)" in text
+        assert text.count("fast vs exact") == 1
+    # a variant is reported against the exact search, never judged
+    sens = rendered(*base, row("awq", 10.0, bits=4), row("awq-sens", 10.5, bits=4),
+                    row("awq-exact", 10.0, bits=4))  # fmt: skip
+    assert "- INFO: W4 g64 m austen: awq-sens fast 10.500 vs exact 10.000 (+5.00%)" in sens
+    judged = [x for x in sens.splitlines() if "g64 m" in x and not x.startswith("- INFO")]
+    assert judged and all(x.startswith("- PASS") for x in judged)  # the default passes
 
 
 def test_the_gap_is_the_ratio_of_means_and_its_error_the_delta_method():
