@@ -69,6 +69,9 @@ METHODS = {
     "awq-sens": ("awq", AWQConfig(sensitivity_samples=8), None),
     # the fast search scoring q/k/v and gate/up by the module loss on 4 calibration samples
     "awq-ls4": ("awq", AWQConfig(loss_samples=4), None),
+    # ... and on 8 (2 chunks of 4): awq_objective.json's mean W3 regret of module-8 is 0.2-0.6x
+    # module-4's (both models, measured on 16 samples); does the perplexity follow?
+    "awq-ls8": ("awq", AWQConfig(loss_samples=8), None),
     # the Gram form and the module loss with the block forward in float32 matmuls
     "awq-fp32": ("awq", AWQConfig(bf16_matmul=False, loss_samples=0), None),
     "awq-ls4-fp32": ("awq", AWQConfig(loss_samples=4, bf16_matmul=False), None),
@@ -86,6 +89,7 @@ EXACT_OF = {
     "awq-qkskip": "awq-exact-qkskip",
     "awq-sens": "awq-exact",
     "awq-ls4": "awq-exact",
+    "awq-ls8": "awq-exact",
     "awq-fp32": "awq-exact",
     "awq-ls4-fp32": "awq-exact",
     "awq-ct8k": "awq-exact-ct8k",
