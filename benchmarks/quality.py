@@ -71,7 +71,7 @@ METHODS = {
     "awq-ls4": ("awq", AWQConfig(loss_samples=4), None),
     # ... and on 8 (2 chunks of 4): awq_objective.json's mean W3 regret of module-8 is 0.2-0.6x
     # module-4's (both models, on 16 samples that include its own 8, which flatters it more
-    # than module-4); does the perplexity follow?
+    # than module-4). Perplexity did not follow at W3 (README: tried and not kept)
     "awq-ls8": ("awq", AWQConfig(loss_samples=8), None),
     # the Gram form and the module loss with the block forward in float32 matmuls
     "awq-fp32": ("awq", AWQConfig(bf16_matmul=False, loss_samples=0), None),
