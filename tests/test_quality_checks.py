@@ -141,3 +141,18 @@ def test_a_saved_search_matches_the_label_that_ran_it():
     old_exact = AWQConfig(search="exact", loss_samples=0, bf16_matmul=True)
     assert quality.search_matches(old_exact, label["awq-exact"], 3)
     assert quality.search_matches(None, None, 3) and not quality.search_matches(gram, None, 3)
+
+
+def test_the_paired_gap_compares_seed_by_seed_over_the_seeds_both_measured():
+    # fast runs 1.0 above exact at every shared seed; the unpaired spread is far larger
+    fast = [row("awq", p, seed=s) for s, p in [(0, 21.0), (1, 25.0), (2, 23.5), (3, 30.0)]]
+    exact = [row("awq-exact", p, seed=s) for s, p in [(0, 20.0), (1, 24.0), (2, 22.0)]]
+    gap, se, seeds = quality.paired_gap(fast, exact, "austen")
+    assert seeds == [0, 1, 2]  # seed 3 has no exact partner
+    assert gap == pytest.approx((1.0 + 1.0 + 1.5) / 3 / 22.0)
+    # differences 1, 1, 1.5: stdev 0.288675 / sqrt(3) / 22
+    assert se == pytest.approx(0.288675 / 3**0.5 / 22.0, rel=1e-5)
+    assert quality.paired_gap(fast, exact[:1], "austen") is None  # one shared seed
+    text = rendered(row("rtn", 40.0), *fast, *exact)
+    line = next(x for x in text.splitlines() if "awq fast" in x and "austen" in x)
+    assert line.endswith(f"; paired over seeds 0,1,2: {gap:+.2%} ± {se:.2%}; bar: at most +1%)")
