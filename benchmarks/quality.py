@@ -76,6 +76,9 @@ METHODS = {
     # ... and on 32 (8 chunks of 4, spread over the calibration set): a quarter of the exact
     # search's samples, at about 3x the default's W3 search time
     "awq-ls32": ("awq", AWQConfig(loss_samples=32), None),
+    # the default with down_proj (single-linear groups) scored on the Gram of every
+    # calibration token, as the exact search scores it, not of the 8192-token sample
+    "awq-single-all": ("awq", AWQConfig(single_all_tokens=True), None),
     # the Gram form and the module loss with the block forward in float32 matmuls
     "awq-fp32": ("awq", AWQConfig(bf16_matmul=False, loss_samples=0), None),
     "awq-ls4-fp32": ("awq", AWQConfig(loss_samples=4, bf16_matmul=False), None),
@@ -95,6 +98,7 @@ EXACT_OF = {
     "awq-ls4": "awq-exact",
     "awq-ls8": "awq-exact",
     "awq-ls32": "awq-exact",
+    "awq-single-all": "awq-exact",
     "awq-fp32": "awq-exact",
     "awq-ls4-fp32": "awq-exact",
     "awq-ct8k": "awq-exact-ct8k",

@@ -208,12 +208,13 @@ class AWQSearch:
         fast = self.acfg.search == "fast"
         lins = [block.get_submodule(name) for name in group.linears]
         mod = block.get_submodule(group.inspect)
-        if fast and (not self.acfg.loss_samples or single):
+        gram_sample = not (single and self.acfg.single_all_tokens)
+        if fast and gram_sample and (not self.acfg.loss_samples or single):
             rows = None
             if not single and sens_args:
                 rows = row_sensitivity(mod, lins, sens_args, self.gen).to(w_cat.device)
             return lambda s: scaled_error(w_cat, s, self.qcfg, gram, n, rows)
-        if fast or not single:
+        if not single:
             return self._exact_loss(lins, mod, call)
         # exact, one inspected linear: its output MSE over all tokens is tr(D G D^T) / (N out)
         flats = [x.reshape(-1, x.shape[-1]).float() for x in xs]

@@ -64,6 +64,9 @@ class AWQConfig:
     gqa_fold: bool = False  # also scale v_proj -> o_proj under GQA (peers skip it)
     search: str = "fast"
     gram_tokens: int = 8192
+    # fast search, single-linear groups (down_proj): the Gram form on every calibration
+    # token, as the exact search scores them, instead of the gram_tokens sample
+    single_all_tokens: bool = False
     # fast search, groups of several linears: > 0 scores s by the inspected module's output
     # (the exact loss) on this many calibration samples instead of the Gram form (0).
     # None: chosen by the width (`resolved`): W3_LOSS_SAMPLES at 3 bits, else 0 (and 0 for

@@ -193,6 +193,24 @@ def test_module_loss_on_all_samples_picks_the_exact_scales():
         assert torch.allclose(exact.scales[k], fast.scales[k]), k
 
 
+def test_with_every_approximation_off_the_fast_search_is_the_exact_search():
+    # module loss on every sample, float32 forwards, and single-linear groups (down_proj)
+    # scored on every token: the exact search's scales and clips, even where the Gram sample
+    # (8 tokens here) alone picks other down_proj scales
+    q = QuantConfig(3, 16)
+    exact = awq_quantize(llama(), calib_ids(), q, AWQConfig(search="exact", gram_tokens=8))
+    kw = dict(loss_samples=8, bf16_matmul=False, gram_tokens=8)
+    full = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw, single_all_tokens=True))
+    assert exact.scales.keys() == full.scales.keys() and exact.clips.keys() == full.clips.keys()
+    for k in exact.scales:
+        assert torch.equal(exact.scales[k], full.scales[k]), k
+    for k in exact.clips:
+        assert all(torch.equal(a, b) for a, b in zip(exact.clips[k], full.clips[k], strict=True)), k
+    sampled = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw))
+    downs = [k for k in exact.scales if k.endswith(("mlp_out", "attn_out"))]
+    assert downs and any(not torch.equal(exact.scales[k], sampled.scales[k]) for k in downs)
+
+
 def test_bf16_module_loss_scores_what_bf16_linears_would_and_restores_the_weights():
     # the fast module loss holds every linear of the module in bfloat16 while it scores one
     # candidate: the same numbers as converting float32 weights on each bf16_linears call
