@@ -231,8 +231,8 @@ def mean_ppl(rows: list[dict], text: str) -> float | None:
 def fast_vs_exact(fast: list[dict], exact: list[dict], text: str) -> tuple[float, float | None]:
     """fast / exact - 1 on the mean perplexities over AWQ search seeds, and its standard
     error (delta method for a ratio of independent means; None while a side has one seed).
-    Fast and exact runs of one seed draw the same tokens, so they are not strictly
-    independent: `paired_gap` compares them seed by seed."""
+    Fast and exact runs of one seed sample the same token positions, so they are not
+    strictly independent: `paired_gap` compares them seed by seed."""
     f, e = [ppl(x, text) for x in fast], [ppl(x, text) for x in exact]
     mf, me = statistics.fmean(f), statistics.fmean(e)
     if len(f) < 2 or len(e) < 2:
