@@ -79,6 +79,9 @@ METHODS = {
     # the default with down_proj (single-linear groups) scored on the Gram of every
     # calibration token, as the exact search scores it, not of the 8192-token sample
     "awq-single-all": ("awq", AWQConfig(single_all_tokens=True), None),
+    # both at once: module loss on 32 samples and down_proj on every token (bf16 forwards),
+    # since each alone left the paired W3 Austen gap at +1.4-1.9%
+    "awq-ls32-single-all": ("awq", AWQConfig(loss_samples=32, single_all_tokens=True), None),
     # the Gram form and the module loss with the block forward in float32 matmuls
     "awq-fp32": ("awq", AWQConfig(bf16_matmul=False, loss_samples=0), None),
     "awq-ls4-fp32": ("awq", AWQConfig(loss_samples=4, bf16_matmul=False), None),
@@ -99,6 +102,7 @@ EXACT_OF = {
     "awq-ls8": "awq-exact",
     "awq-ls32": "awq-exact",
     "awq-single-all": "awq-exact",
+    "awq-ls32-single-all": "awq-exact",
     "awq-fp32": "awq-exact",
     "awq-ls4-fp32": "awq-exact",
     "awq-ct8k": "awq-exact-ct8k",
