@@ -46,50 +46,56 @@ CONFIGS = {
     "gemma3-270m": ((4, 128), (3, 128), (2, 128), (2, 32)),
 }
 TEXTS = ("austen", "pydocs")
+# Variants pin down_proj's Gram sample (single_all_tokens=False) as their rows ran it
+GRAM = AWQConfig(loss_samples=0, single_all_tokens=False)
+LS4 = AWQConfig(loss_samples=4, single_all_tokens=False)
 # label -> (method, AWQConfig, GPTQConfig)
 METHODS = {
     "rtn": ("rtn", None, None),
-    # the default: at 3 bits q/k/v and gate/up are scored by the module loss on 4 samples
+    # the default: at 3 bits q/k/v and gate/up are scored by the module loss on 32 samples
+    # and down_proj on the Gram of every token (its W3 rows from a034f34 ran as
+    # awq-ls32-single-all, the same settings); other widths: the Gram form
     "awq": ("awq", AWQConfig(), None),
     # the Gram form at every width (the default except at 3 bits, where it was the default
     # until the W3 rows here showed the module loss closer to the exact search)
-    "awq-gram": ("awq", AWQConfig(loss_samples=0), None),
+    "awq-gram": ("awq", GRAM, None),
     "gptq": ("gptq", None, GPTQConfig()),
     "gptq-act": ("gptq", None, GPTQConfig(act_order=True)),
     "awq+gptq": ("awq+gptq", AWQConfig(), GPTQConfig()),
+    # ... on the W3 default before it scored down_proj on every token (module loss on 4)
+    "awq+gptq-ls4": ("awq+gptq", LS4, GPTQConfig()),
     # GPTQ with act-order after the AWQ scales (gptq-act beats gptq at every width here)
     "awq+gptq-act": ("awq+gptq", AWQConfig(), GPTQConfig(act_order=True)),
-    "awq+gptq-gram": ("awq+gptq", AWQConfig(loss_samples=0), GPTQConfig()),
-    "awq+gptq-act-gram": ("awq+gptq", AWQConfig(loss_samples=0), GPTQConfig(act_order=True)),
+    "awq+gptq-gram": ("awq+gptq", GRAM, GPTQConfig()),
+    "awq+gptq-act-gram": ("awq+gptq", GRAM, GPTQConfig(act_order=True)),
     "awq-exact": ("awq", AWQConfig(search="exact"), None),
     # the published clip search: q/k never clipped (AWQConfig.clip_all=False); Gram form
-    "awq-qkskip": ("awq", AWQConfig(clip_all=False, loss_samples=0), None),
+    "awq-qkskip": ("awq", replace(GRAM, clip_all=False), None),
     "awq-exact-qkskip": ("awq", AWQConfig(search="exact", clip_all=False), None),
     # the fast search with sensitivity-weighted rows in multi-linear groups
-    "awq-sens": ("awq", AWQConfig(sensitivity_samples=8), None),
-    # the fast search scoring q/k/v and gate/up by the module loss on 4 calibration samples
-    "awq-ls4": ("awq", AWQConfig(loss_samples=4), None),
+    "awq-sens": ("awq", AWQConfig(sensitivity_samples=8, single_all_tokens=False), None),
+    # the fast search scoring q/k/v and gate/up by the module loss on 4 calibration samples,
+    # down_proj on the 8192-token Gram sample: the W3 default until the change that made
+    # it 32 samples and every token (its W3 rows ran as awq, the default then)
+    "awq-ls4": ("awq", LS4, None),
     # ... and on 8 (2 chunks of 4): awq_objective.json's mean W3 regret of module-8 is 0.2-0.6x
     # module-4's (both models, on 16 samples that include its own 8, which flatters it more
     # than module-4). Perplexity did not follow at W3 (README: tried and not kept)
-    "awq-ls8": ("awq", AWQConfig(loss_samples=8), None),
+    "awq-ls8": ("awq", replace(LS4, loss_samples=8), None),
     # ... and on 32 (8 chunks of 4, spread over the calibration set): a quarter of the exact
     # search's samples, at about 3x the default's W3 search time
-    "awq-ls32": ("awq", AWQConfig(loss_samples=32), None),
+    "awq-ls32": ("awq", replace(LS4, loss_samples=32), None),
     # the default with down_proj (single-linear groups) scored on the Gram of every
     # calibration token, as the exact search scores it, not of the 8192-token sample
-    "awq-single-all": ("awq", AWQConfig(single_all_tokens=True), None),
-    # both at once: module loss on 32 samples and down_proj on every token (bf16 forwards),
-    # since each alone left the paired W3 Austen gap at +1.4-1.9%
-    "awq-ls32-single-all": ("awq", AWQConfig(loss_samples=32, single_all_tokens=True), None),
+    "awq-single-all": ("awq", replace(LS4, single_all_tokens=True), None),
     # the Gram form and the module loss with the block forward in float32 matmuls
-    "awq-fp32": ("awq", AWQConfig(bf16_matmul=False, loss_samples=0), None),
-    "awq-ls4-fp32": ("awq", AWQConfig(loss_samples=4, bf16_matmul=False), None),
+    "awq-fp32": ("awq", replace(GRAM, bf16_matmul=False), None),
+    "awq-ls4-fp32": ("awq", replace(LS4, bf16_matmul=False), None),
     # clip search on 8192 sampled tokens instead of the published 512 (its Gram form makes
     # the token count cost nothing per grid point): does a W3 search still move by several
     # percent with its seed when the clip sees 16x the tokens?
-    "awq-ct8k": ("awq", AWQConfig(clip_tokens=8192, loss_samples=0), None),
-    "awq-ls4-ct8k": ("awq", AWQConfig(loss_samples=4, clip_tokens=8192), None),
+    "awq-ct8k": ("awq", replace(GRAM, clip_tokens=8192), None),
+    "awq-ls4-ct8k": ("awq", replace(LS4, clip_tokens=8192), None),
     "awq-exact-ct8k": ("awq", AWQConfig(search="exact", clip_tokens=8192), None),
 }
 # fast-search rows -> the paper-exact row they are compared with
@@ -102,7 +108,6 @@ EXACT_OF = {
     "awq-ls8": "awq-exact",
     "awq-ls32": "awq-exact",
     "awq-single-all": "awq-exact",
-    "awq-ls32-single-all": "awq-exact",
     "awq-fp32": "awq-exact",
     "awq-ls4-fp32": "awq-exact",
     "awq-ct8k": "awq-exact-ct8k",

@@ -43,7 +43,7 @@ class QuantConfig:
         return in_features if self.group_size == -1 else self.group_size
 
 
-W3_LOSS_SAMPLES = 4  # AWQConfig.loss_samples at 3 bits when left to the default
+W3_LOSS_SAMPLES = 32  # AWQConfig.loss_samples at 3 bits when left to the default
 
 
 @dataclass(frozen=True)
@@ -65,8 +65,9 @@ class AWQConfig:
     search: str = "fast"
     gram_tokens: int = 8192
     # fast search, single-linear groups (down_proj): the Gram form on every calibration
-    # token, as the exact search scores them, instead of the gram_tokens sample
-    single_all_tokens: bool = False
+    # token, as the exact search scores them (True), or on the gram_tokens sample (False).
+    # None: chosen by the width (`resolved`): True at 3 bits, else False
+    single_all_tokens: bool | None = None
     # fast search, groups of several linears: > 0 scores s by the inspected module's output
     # (the exact loss) on this many calibration samples instead of the Gram form (0).
     # None: chosen by the width (`resolved`): W3_LOSS_SAMPLES at 3 bits, else 0 (and 0 for
@@ -117,20 +118,26 @@ class AWQConfig:
         device where bfloat16 matmuls are (`bf16_fast`) or are not fast.
 
         loss_samples: W3_LOSS_SAMPLES at 3 bits for the fast search without sensitivity
-        weights, else 0. At 3 bits q/k/v and gate/up scored by the module output on 4 samples
-        had the lower mean perplexity than the Gram form in every comparison with bf16 block
-        forwards on the H100 (quality_gpu.md; with float32 forwards it did not on Gemma), and
-        the Gram form picks the paper's alpha in 17-27 % of those groups, the module loss in
-        67-87 % (awq_objective.json). At 4 bits the Gram form is already within 1 % of the
-        exact search and keeps the 3-minute budget; 2 bits is not measured with it.
+        weights, else 0; single_all_tokens: True at 3 bits for the fast search, else False.
+        At 3 bits q/k/v and gate/up scored by the module output on 4 samples had the lower
+        mean perplexity than the Gram form in every comparison with bf16 block forwards on
+        the H100 (quality_gpu.md), and the Gram form picks the paper's alpha in 17-27 % of
+        those groups, the module loss in 67-87 % (awq_objective.json); still, SmolLM2 W3
+        stayed 2.4 % above the exact search on Austen (paired by seed). With 32 samples and
+        down_proj on every token it is within 1 % on both models and texts (quality.md,
+        awq rows from a034f34), at about twice the W3 search time. At 4 bits the Gram form
+        is already within 1 % of the exact search and keeps the 3-minute budget; 2 bits is
+        not measured with either.
         bf16_matmul: `bf16_fast` where left to None; always False for the exact search.
         """
-        ls = self.loss_samples
+        w3 = bits == 3 and self.search == "fast"
+        ls, every = self.loss_samples, self.single_all_tokens
         if ls is None:
-            w3 = bits == 3 and self.search == "fast" and not self.sensitivity_samples
-            ls = W3_LOSS_SAMPLES if w3 else 0
+            ls = W3_LOSS_SAMPLES if w3 and not self.sensitivity_samples else 0
+        every = w3 if every is None else every
         bf16 = bf16_fast if self.bf16_matmul is None else self.bf16_matmul
-        return replace(self, loss_samples=ls, bf16_matmul=bf16 and self.search == "fast")
+        fast_bf16 = bf16 and self.search == "fast"
+        return replace(self, loss_samples=ls, single_all_tokens=every, bf16_matmul=fast_bf16)
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,7 @@ class Recipe:
         return cls(
             quant=QuantConfig(**meta["quant"]),
             method=meta["method"],
-            awq=AWQConfig(**meta["awq"]) if meta["awq"] else None,
+            awq=_awq_config(meta["awq"]),
             model_type=meta["model_type"],
             scales={k[len("scale.") :]: v for k, v in tensors.items() if k.startswith("scale.")},
             clips=clips,
@@ -86,6 +86,11 @@ class Recipe:
             report=meta["report"],
             searched_on=meta.get("searched_on", {}),
         )
+
+
+def _awq_config(meta: dict | None) -> AWQConfig | None:
+    # recipes from before single_all_tokens was recorded ran without it
+    return AWQConfig(**{"single_all_tokens": False, **meta}) if meta else None
 
 
 def check_group_size(model: nn.Module, spec: ArchSpec, cfg: QuantConfig) -> None:

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -149,6 +150,20 @@ def test_saved_search_reapplies_bit_for_bit(tmp_path, search, arch):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_a_recipe_saved_before_single_all_tokens_was_recorded_loads_as_it_ran(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "search.safetensors"
+    awq_quantize(llama(), calib_ids(), QuantConfig(3, 16), AWQConfig(gram_tokens=128)).save(path)
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["edgequant"])
+    assert meta["awq"].pop("single_all_tokens") is True  # the W3 default records it
+    save_file(load_file(path), path, metadata={"edgequant": json.dumps(meta)})
+    # older code scored down_proj on the Gram sample: that is what such a recipe ran
+    assert Recipe.load(path).awq.single_all_tokens is False
+
+
 def test_non_finite_search_falls_back_to_identity(monkeypatch):
     import edgequant.awq as awq_mod
 
@@ -194,7 +209,7 @@ def test_with_every_approximation_off_the_fast_search_is_the_exact_search():
         assert torch.equal(exact.scales[k], full.scales[k]), k
     for k in exact.clips:
         assert all(torch.equal(a, b) for a, b in zip(exact.clips[k], full.clips[k], strict=True)), k
-    sampled = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw))
+    sampled = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw, single_all_tokens=False))
     downs = [k for k in exact.scales if k.endswith(("mlp_out", "attn_out"))]
     assert downs and any(not torch.equal(exact.scales[k], sampled.scales[k]) for k in downs)
 
@@ -267,8 +282,13 @@ def test_sensitivity_weighting_moves_the_multi_linear_choice():
 
 def test_defaults_follow_the_width_and_the_device():
     assert AWQConfig().resolved(3, True).loss_samples == W3_LOSS_SAMPLES
+    assert AWQConfig().resolved(3, True).single_all_tokens is True
     for bits in (2, 4, 8):
         assert AWQConfig().resolved(bits, True).loss_samples == 0
+        assert AWQConfig().resolved(bits, True).single_all_tokens is False
+    assert AWQConfig(single_all_tokens=False).resolved(3, True).single_all_tokens is False
+    assert AWQConfig(single_all_tokens=True).resolved(4, True).single_all_tokens is True
+    assert AWQConfig(search="exact").resolved(3, True).single_all_tokens is False
     # an explicit value is kept; the exact search and the sensitivity weights take none
     assert AWQConfig(loss_samples=0).resolved(3, True).loss_samples == 0
     assert AWQConfig(loss_samples=2).resolved(4, True).loss_samples == 2
@@ -321,9 +341,11 @@ def test_default_search_records_what_ran_and_matches_the_explicit_setting():
     for bits, want in ((3, W3_LOSS_SAMPLES), (4, 0)):
         q = QuantConfig(bits, 16)
         default = awq_quantize(llama(), calib_ids(), q, AWQConfig(**kw))
-        explicit = AWQConfig(**kw, loss_samples=want, bf16_matmul=bf16)
+        every = bits == 3
+        explicit = AWQConfig(**kw, loss_samples=want, single_all_tokens=every, bf16_matmul=bf16)
         explicit = awq_quantize(llama(), calib_ids(), q, explicit)
         assert default.awq.loss_samples == want and default.awq.bf16_matmul is bf16
+        assert default.awq.single_all_tokens is every
         assert default.scales.keys() == explicit.scales.keys()
         for k in default.scales:
             assert torch.equal(default.scales[k], explicit.scales[k]), (bits, k)

@@ -210,20 +210,24 @@ def test_integer_only_rejects_bad_bits(capsys, tmp_path, tiny_dir, calib_file):
 def test_loss_samples_reaches_the_search_and_bad_values_are_refused(
     capsys, tmp_path, tiny_dir, calib_file
 ):
+    from edgequant.config import W3_LOSS_SAMPLES
     from edgequant.recipe import Recipe
 
     search, model = tmp_path / "s.safetensors", tiny_dir()
     args = quantize_args(model, tmp_path / "q", calib_file, "--save-search", search)
     assert main([str(a) for a in [*args, "--loss-samples", "2"]]) == 0
     assert Recipe.load(search).awq.loss_samples == 2
-    # left out: the width's default, recorded as it ran (4 at 3 bits, 0 at 4)
+    # left out: the width's default, recorded as it ran (32 samples and down_proj on every
+    # token at 3 bits, the Gram form on the token sample at 4)
     default = quantize_args(model, tmp_path / "d", calib_file, "--save-search", search)
     assert main([str(a) for a in [*default, "--w-bits", "3"]]) == 0
     saved = Recipe.load(search).awq
-    assert saved.loss_samples == 4 and isinstance(saved.bf16_matmul, bool)
+    assert (saved.loss_samples, saved.single_all_tokens) == (W3_LOSS_SAMPLES, True)
+    assert isinstance(saved.bf16_matmul, bool)
     default = quantize_args(model, tmp_path / "d4", calib_file, "--save-search", search)
     assert main([str(a) for a in [*default, "--w-bits", "4"]]) == 0
-    assert Recipe.load(search).awq.loss_samples == 0
+    saved = Recipe.load(search).awq
+    assert (saved.loss_samples, saved.single_all_tokens) == (0, False)
     exact = quantize_args(model, tmp_path / "e", calib_file, "--save-search", search)
     assert main([str(a) for a in [*exact, "--w-bits", "3", "--search", "exact"]]) == 0
     saved = Recipe.load(search).awq

@@ -129,16 +129,21 @@ def test_a_saved_search_matches_the_label_that_ran_it():
     from edgequant.config import AWQConfig
 
     label = {m: cfg for m, (_, cfg, _) in quality.METHODS.items()}
-    w3_ls4 = AWQConfig(loss_samples=4, bf16_matmul=True)  # a default W3 search on a GPU
-    assert quality.search_matches(w3_ls4, label["awq"], 3)
-    assert not quality.search_matches(w3_ls4, label["awq-gram"], 3)
-    gram = AWQConfig(loss_samples=0, bf16_matmul=False)  # a default W4 search on a slow-bf16 CPU
+    w3 = AWQConfig(loss_samples=32, single_all_tokens=True, bf16_matmul=True)  # W3 default, GPU
+    assert quality.search_matches(w3, label["awq"], 3)
+    assert not quality.search_matches(w3, label["awq-gram"], 3)
+    # the W3 default before down_proj was scored on every token is awq-ls4's now
+    w3_ls4 = AWQConfig(loss_samples=4, single_all_tokens=False, bf16_matmul=True)
+    assert quality.search_matches(w3_ls4, label["awq-ls4"], 3)
+    assert not quality.search_matches(w3_ls4, label["awq"], 3)
+    # a default W4 search on a slow-bf16 CPU
+    gram = AWQConfig(loss_samples=0, single_all_tokens=False, bf16_matmul=False)
     assert quality.search_matches(gram, label["awq"], 4)
     assert quality.search_matches(gram, label["awq-gram"], 3)
     assert not quality.search_matches(gram, label["awq"], 3)
     # a label that fixes float32 refuses a bf16 search; an exact search's flag never counts
     assert not quality.search_matches(replace(gram, bf16_matmul=True), label["awq-fp32"], 3)
-    old_exact = AWQConfig(search="exact", loss_samples=0, bf16_matmul=True)
+    old_exact = AWQConfig(search="exact", loss_samples=0, single_all_tokens=False, bf16_matmul=True)
     assert quality.search_matches(old_exact, label["awq-exact"], 3)
     assert quality.search_matches(None, None, 3) and not quality.search_matches(gram, None, 3)
 
