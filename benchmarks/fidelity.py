@@ -31,7 +31,8 @@ from edgequant.zoo import load
 RESULTS = Path(__file__).parent / "results"
 GROUPS = {"smollm2-135m": 64, "gemma3-270m": 128}
 LABELS = ("rtn", "awq", "gptq", "awq+gptq")
-ORDER = LABELS + ("awq-gram", "awq+gptq-gram")  # W3 rows of the AWQ default before 3-bit ls4
+# W3 rows of earlier AWQ defaults: the Gram form, then the module loss on 4 samples
+ORDER = LABELS + ("awq-ls4", "awq+gptq-ls4", "awq-gram", "awq+gptq-gram")
 
 
 def key(r: dict) -> str:
@@ -56,8 +57,10 @@ def render(results: dict) -> str:
         "tokens of each text; austen = "
         "Pride and Prejudice, pydocs = held-out reference/faq). Asymmetric weights, pydocs "
         "calibration 128 x 512. The float models are the GGUF weights dequantized (already on "
-        "a 4-bit grid). `awq-gram`, `awq+gptq-gram`: AWQ's q/k/v and gate/up groups scored by "
-        "the Gram form, the default at W3 before it became the module loss on 4 samples.",
+        "a 4-bit grid). Earlier W3 defaults of AWQ: `awq-gram`, `awq+gptq-gram` score its "
+        "q/k/v and gate/up groups by the Gram form; `awq-ls4`, `awq+gptq-ls4` by the module "
+        "loss on 4 samples, down_proj on an 8192-token Gram sample (today's W3 default: 32 "
+        "samples, down_proj on every token).",
         "",
         "| model | config | text | method | KL | top-1 agreement | ppl ratio | quant s |",
         "|---|---|---|---|---|---|---|---|",

@@ -86,8 +86,10 @@ def render(results: dict) -> str:
         "calibrated on the evaluated text (128 x 512 calibration tokens; pydocs evaluation is "
         "held-out reference/faq, austen evaluation is Pride and Prejudice, austen calibration "
         "the other novels). Asymmetric weights, g64 SmolLM2-135M, g128 Gemma-3-270M; 8 "
-        "2048-token windows per text. `awq-gram`: AWQ's q/k/v and gate/up groups scored by "
-        "the Gram form, the default at W3 before it became the module loss on 4 samples.",
+        "2048-token windows per text. Earlier W3 defaults of AWQ: `awq-gram` scores its "
+        "q/k/v and gate/up groups by the Gram form; `awq-ls4` by the module loss on 4 "
+        "samples, down_proj on an 8192-token Gram sample (today's W3 default: 32 samples, "
+        "down_proj on every token).",
         "",
         "| model | bits | method | evaluated on | matched calib | mismatched calib | penalty |",
         "|---|---|---|---|---|---|---|",
