@@ -35,9 +35,9 @@ def _add_quantize(sub) -> None:
         choices=("fast", "exact"),
         default="fast",
         help="AWQ fast: second-order per-linear loss (at 3 bits q/k/v and gate/up by the module "
-        "output on --loss-samples), bf16 matmuls where the device does them fast; exact: paper "
-        "loss on all tokens in float32. GPTQ fast: bf16 block forwards and X^T X where the "
-        "device does them fast; exact: float32",
+        "output on --loss-samples, down_proj on every token), bf16 matmuls where the device "
+        "does them fast; exact: paper loss on all tokens in float32. GPTQ fast: bf16 block "
+        "forwards and X^T X where the device does them fast; exact: float32",
     )
     p.add_argument("--duo-scaling", action="store_true", help="s = x^a / w^(1-a) (peers' default)")
     p.add_argument("--no-clip", dest="clip", action="store_false")
@@ -54,7 +54,14 @@ def _add_quantize(sub) -> None:
         default=None,
         metavar="N",
         help="AWQ fast search: score q/k/v and gate/up by the inspected module's output on N "
-        "calibration samples; 0 is the Gram form (default: 4 at 3 bits, else 0)",
+        "calibration samples; 0 is the Gram form (default: 32 at 3 bits, else 0)",
+    )
+    p.add_argument(
+        "--single-all-tokens",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="AWQ fast search: score single-linear groups (down_proj) on every calibration "
+        "token, not on an 8192-token sample (default: on at 3 bits, else off)",
     )
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing diag(H)")
     p.add_argument(
@@ -180,6 +187,7 @@ def cmd_quantize(a) -> dict:
         clip_form=a.clip_form,
         clip_all=a.clip_all,
         loss_samples=a.loss_samples,
+        single_all_tokens=a.single_all_tokens,
     )
     ccfg = CalibConfig(source=a.calib, n_samples=a.n_samples, seqlen=a.seqlen, seed=a.seed)
     from edgequant.formats import check_format, default_format

@@ -228,6 +228,12 @@ def test_loss_samples_reaches_the_search_and_bad_values_are_refused(
     assert main([str(a) for a in [*default, "--w-bits", "4"]]) == 0
     saved = Recipe.load(search).awq
     assert (saved.loss_samples, saved.single_all_tokens) == (0, False)
+    # explicit settings win over the width's
+    off = quantize_args(model, tmp_path / "o", calib_file, "--save-search", search)
+    argv = [*off, "--w-bits", "3", "--loss-samples", "4", "--no-single-all-tokens"]
+    assert main([str(a) for a in argv]) == 0
+    saved = Recipe.load(search).awq
+    assert (saved.loss_samples, saved.single_all_tokens) == (4, False)
     exact = quantize_args(model, tmp_path / "e", calib_file, "--save-search", search)
     assert main([str(a) for a in [*exact, "--w-bits", "3", "--search", "exact"]]) == 0
     saved = Recipe.load(search).awq
