@@ -7,8 +7,9 @@ evaluated on the first --max-windows 2048-token windows of each --texts source (
 Pride and Prejudice and the held-out pydocs reference/faq text). Writes
 benchmarks/results/awq_variants.json and prints a table with the RTN and FP references.
 Every variant but `ls4` scores q/k/v and gate/up by the Gram form (loss_samples=0, the
-default at every width but 3 bits), as its rows were measured; bf16 block forwards where
-the device does them fast, so `fp32` equals `default` on a CPU without AVX512-BF16.
+default at every width but 3 bits), and every fast variant scores down_proj on the
+8192-token Gram sample (single_all_tokens=False), as its rows were measured; bf16 block
+forwards where the device does them fast, so `fp32` equals `default` on a CPU without AVX512-BF16.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from edgequant.evaluate import perplexity
 from edgequant.io import atomic_write_text
 from edgequant.zoo import load
 
-GRAM = {"loss_samples": 0}  # the rows here were measured with the Gram form at every width
+# the rows here were measured with the Gram form at every width, down_proj on the sample
+GRAM = {"loss_samples": 0, "single_all_tokens": False}
+SAMPLED = {"single_all_tokens": False}
 VARIANTS = {
     "default": AWQConfig(**GRAM),
     "duo": AWQConfig(**GRAM, duo_scaling=True),
@@ -36,10 +39,10 @@ VARIANTS = {
     "clip8k": AWQConfig(**GRAM, clip_tokens=8192),
     "fp32": AWQConfig(**GRAM, bf16_matmul=False),
     "clipgrid40": AWQConfig(**GRAM, clip_grid=40),
-    "ls4": AWQConfig(loss_samples=4),
+    "ls4": AWQConfig(loss_samples=4, **SAMPLED),
     "exact": AWQConfig(search="exact"),
-    "sens8": AWQConfig(sensitivity_samples=8),
-    "sens32": AWQConfig(sensitivity_samples=32),
+    "sens8": AWQConfig(sensitivity_samples=8, **SAMPLED),
+    "sens32": AWQConfig(sensitivity_samples=32, **SAMPLED),
 }
 
 

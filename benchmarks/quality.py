@@ -83,9 +83,9 @@ METHODS = {
     # than module-4). Perplexity did not follow at W3 (README: tried and not kept)
     "awq-ls8": ("awq", replace(LS4, loss_samples=8), None),
     # ... and on 32 (8 chunks of 4, spread over the calibration set): a quarter of the exact
-    # search's samples, at about 3x the default's W3 search time
+    # search's samples, at about 3x the 4-sample search's time
     "awq-ls32": ("awq", replace(LS4, loss_samples=32), None),
-    # the default with down_proj (single-linear groups) scored on the Gram of every
+    # awq-ls4 with down_proj (single-linear groups) scored on the Gram of every
     # calibration token, as the exact search scores it, not of the 8192-token sample
     "awq-single-all": ("awq", replace(LS4, single_all_tokens=True), None),
     # the Gram form and the module loss with the block forward in float32 matmuls

@@ -66,7 +66,8 @@ class AWQConfig:
     gram_tokens: int = 8192
     # fast search, single-linear groups (down_proj): the Gram form on every calibration
     # token, as the exact search scores them (True), or on the gram_tokens sample (False).
-    # None: chosen by the width (`resolved`): True at 3 bits, else False
+    # None: chosen by the width (`resolved`): True at 3 bits, else False (and False for the
+    # exact search, which scores every token anyway, or with sensitivity_samples)
     single_all_tokens: bool | None = None
     # fast search, groups of several linears: > 0 scores s by the inspected module's output
     # (the exact loss) on this many calibration samples instead of the Gram form (0).
@@ -118,22 +119,22 @@ class AWQConfig:
         device where bfloat16 matmuls are (`bf16_fast`) or are not fast.
 
         loss_samples: W3_LOSS_SAMPLES at 3 bits for the fast search without sensitivity
-        weights, else 0; single_all_tokens: True at 3 bits for the fast search, else False.
+        weights, else 0; single_all_tokens: True there, else False.
         At 3 bits q/k/v and gate/up scored by the module output on 4 samples had the lower
         mean perplexity than the Gram form in every comparison with bf16 block forwards on
         the H100 (quality_gpu.md), and the Gram form picks the paper's alpha in 17-27 % of
         those groups, the module loss in 67-87 % (awq_objective.json); still, SmolLM2 W3
         stayed 2.4 % above the exact search on Austen (paired by seed). With 32 samples and
-        down_proj on every token it is within 1 % on both models and texts (quality.md,
-        awq rows from a034f34), at about twice the W3 search time. At 4 bits the Gram form
-        is already within 1 % of the exact search and keeps the 3-minute budget; 2 bits is
-        not measured with either.
+        down_proj on every token the means over seeds are within 1 % on both models and
+        texts (quality.md, awq rows from a034f34: SmolLM2 seeds 0-6, +0.5 % / +0.3 %, s.e.
+        1.2 %; Gemma seeds 0-1 against exact seed 0), at 2.5-3x the W3 search time. At 4
+        bits the Gram form is already within 1 % of the exact search and keeps the 3-minute
+        budget; 2 bits is not measured with either.
         bf16_matmul: `bf16_fast` where left to None; always False for the exact search.
         """
-        w3 = bits == 3 and self.search == "fast"
+        w3 = bits == 3 and self.search == "fast" and not self.sensitivity_samples
         ls, every = self.loss_samples, self.single_all_tokens
-        if ls is None:
-            ls = W3_LOSS_SAMPLES if w3 and not self.sensitivity_samples else 0
+        ls = (W3_LOSS_SAMPLES if w3 else 0) if ls is None else ls
         every = w3 if every is None else every
         bf16 = bf16_fast if self.bf16_matmul is None else self.bf16_matmul
         fast_bf16 = bf16 and self.search == "fast"

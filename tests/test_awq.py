@@ -294,6 +294,7 @@ def test_defaults_follow_the_width_and_the_device():
     assert AWQConfig(loss_samples=2).resolved(4, True).loss_samples == 2
     assert AWQConfig(search="exact").resolved(3, True).loss_samples == 0
     assert AWQConfig(sensitivity_samples=8).resolved(3, True).loss_samples == 0
+    assert AWQConfig(sensitivity_samples=8).resolved(3, True).single_all_tokens is False
     # bf16 matmuls where the device does them fast, unless set
     assert AWQConfig().resolved(4, True).bf16_matmul is True
     assert AWQConfig().resolved(4, False).bf16_matmul is False
