@@ -27,8 +27,8 @@ from edgequant.io import atomic_write_text
 from edgequant.zoo import load
 
 # the rows here were measured with the Gram form at every width, down_proj on the sample
-GRAM = {"loss_samples": 0, "single_all_tokens": False}
 SAMPLED = {"single_all_tokens": False}
+GRAM = {"loss_samples": 0, **SAMPLED}
 VARIANTS = {
     "default": AWQConfig(**GRAM),
     "duo": AWQConfig(**GRAM, duo_scaling=True),
@@ -41,8 +41,8 @@ VARIANTS = {
     "clipgrid40": AWQConfig(**GRAM, clip_grid=40),
     "ls4": AWQConfig(loss_samples=4, **SAMPLED),
     "exact": AWQConfig(search="exact"),
-    "sens8": AWQConfig(sensitivity_samples=8, **SAMPLED),
-    "sens32": AWQConfig(sensitivity_samples=32, **SAMPLED),
+    "sens8": AWQConfig(sensitivity_samples=8),  # keeps down_proj on the sample by itself
+    "sens32": AWQConfig(sensitivity_samples=32),
 }
 
 

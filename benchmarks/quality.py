@@ -73,7 +73,7 @@ METHODS = {
     "awq-qkskip": ("awq", replace(GRAM, clip_all=False), None),
     "awq-exact-qkskip": ("awq", AWQConfig(search="exact", clip_all=False), None),
     # the fast search with sensitivity-weighted rows in multi-linear groups
-    "awq-sens": ("awq", AWQConfig(sensitivity_samples=8, single_all_tokens=False), None),
+    "awq-sens": ("awq", AWQConfig(sensitivity_samples=8), None),
     # the fast search scoring q/k/v and gate/up by the module loss on 4 calibration samples,
     # down_proj on the 8192-token Gram sample: the W3 default until the change that made
     # it 32 samples and every token (its W3 rows ran as awq, the default then)
